@@ -1,0 +1,108 @@
+"""
+sample.py: generate text from a checkpoint written by train.py, streaming tokens as they come.
+
+    python sample.py --ckpt out/cpu_demo --prompt "def fibonacci(n):" --max_new_tokens 200
+    python sample.py --ckpt out/cpu_demo --prompt_file prompt.txt --num_samples 3 --temperature 0
+
+The one idea: generation is a loop of "one forward pass, pick one token". With a KV cache each step
+feeds only the newest token (keys and values of the earlier ones are kept), so a step costs the
+same at position 10 as at position 500 instead of re-reading the whole prefix.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from model import ModelConfig, Transformer
+from tokenizer import EOS_ID, Tokenizer
+
+
+def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of a train.py output folder (ckpt.pt and tokenizer.model)."""
+    ckpt_path, tokenizer_path = os.path.join(ckpt_dir, "ckpt.pt"), os.path.join(ckpt_dir, "tokenizer.model")
+    for path in (ckpt_path, tokenizer_path):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} not found: --ckpt must be an out_dir written by train.py")
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects from a file would run code.
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model = Transformer(ModelConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"{ckpt_path} is not a checkpoint of this model code ({type(e).__name__}: {str(e).splitlines()[0]})")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise SystemExit(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}")
+    return model.to(device).eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default="out", help="out_dir of a training run (ckpt.pt + tokenizer.model)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    parser.add_argument("--prompt_file", help="read the prompt from this file instead")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or args.num_samples < 1 or args.max_new_tokens < 1:
+        parser.error("--temperature must be >= 0, --num_samples and --max_new_tokens >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error("--top_p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error("--top_k must be >= 1")
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.ckpt, device)
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"cannot read --prompt_file {args.prompt_file}: {e}")
+    # Every training document starts right after a </s>, so an empty prompt starts from one: the
+    # model then writes the beginning of a fresh document.
+    ids = tokenizer.encode(prompt) if prompt else [EOS_ID]
+    limit = model.config.block_size - 1  # leave room for at least one new token in the context
+    if len(ids) > limit:
+        print(f"warning: the prompt has {len(ids)} tokens, more than the context allows; keeping the last {limit}",
+              file=sys.stderr)
+        ids = ids[-limit:]
+
+    generated, seconds = 0, 0.0
+    for sample in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"\n---------- sample {sample + 1} ----------")
+        sys.stdout.write(prompt)
+        new_ids, printed = [], ""
+        t0 = time.time()
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        for token in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
+            token = token.item()
+            generated += 1
+            if token == EOS_ID:
+                break
+            new_ids.append(token)
+            # Decode everything generated so far and print what is new: a character may span several
+            # byte-fallback tokens, and an unfinished one decodes to U+FFFD until its last byte comes.
+            text = tokenizer.decode(new_ids)
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        sys.stdout.write(tokenizer.decode(new_ids)[len(printed):] + "\n")
+        seconds += time.time() - t0
+    print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s on {device}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

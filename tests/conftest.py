@@ -1,0 +1,42 @@
+"""Shared fixtures: a small real corpus prepared once, and a tiny model trained on it once."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import prepare_data
+
+ROOT = Path(__file__).resolve().parent.parent
+# A few standard-library modules: real Python source that every Python install carries.
+STDLIB_FILES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py",
+                "string.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py"]
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> str:
+    """A prepared data folder (train.bin, val.bin, meta.json, tokenizer.model) with a 512-token vocabulary."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in STDLIB_FILES:
+        shutil.copyfile(stdlib / name, root / name.replace("/", "_"))
+    out = root / "data"
+    prepare_data.main(["--input", *map(str, sorted(root.glob("*.py"))), "--out", str(out),
+                       "--vocab_size", "512", "--val_fraction", "0.2", "--workers", "1"])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(prepared_data, tmp_path_factory) -> str:
+    """The out_dir of a tiny model trained for a few dozen steps on prepared_data."""
+    out = tmp_path_factory.mktemp("trained")
+    subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={prepared_data}", f"--out_dir={out}",
+                    "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64",
+                    "--batch_size=8", "--max_iters=40", "--eval_interval=40", "--eval_iters=2",
+                    "--warmup_iters=5", "--lr_decay_iters=40", "--learning_rate=3e-3"],
+                   cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
+    return str(out)

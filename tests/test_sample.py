@@ -1,0 +1,62 @@
+"""sample.py: what it prints is what the model predicts, and bad input gets one clear sentence."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from sample import load_model
+from tokenizer import EOS_ID
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sample(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_greedy_output_is_the_argmax_continuation(trained_ckpt):
+    prompt, n = "def add(a, b):\n", 20
+    result = sample("--ckpt", trained_ckpt, "--prompt", prompt, "--temperature", "0", "--max_new_tokens", str(n))
+    assert result.returncode == 0, result.stderr
+    # The reference: full forward passes without a cache, taking the argmax each time.
+    model, tokenizer = load_model(trained_ckpt, "cpu")
+    ids = tokenizer.encode(prompt)
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([ids + new]))
+            token = logits[0, -1].argmax().item()
+            if token == EOS_ID:
+                break
+            new.append(token)
+    assert result.stdout == prompt + tokenizer.decode(new) + "\n"
+    assert "tokens/s" in result.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trained_ckpt, tmp_path):
+    prompt_file = tmp_path / "long.txt"
+    prompt_file.write_text("x = 1\n" * 500)
+    result = sample("--ckpt", trained_ckpt, "--prompt_file", str(prompt_file), "--max_new_tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert "keeping the last" in result.stderr
+
+
+def test_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path):
+    result = sample("--ckpt", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "ckpt.pt not found" in result.stderr and "Traceback" not in result.stderr
+    # A checkpoint whose weights belong to another model shape.
+    other = tmp_path / "other"
+    other.mkdir()
+    checkpoint = torch.load(os.path.join(trained_ckpt, "ckpt.pt"), weights_only=True)
+    checkpoint["model_config"]["n_layer"] += 1
+    torch.save(checkpoint, other / "ckpt.pt")
+    (other / "tokenizer.model").write_bytes(open(os.path.join(trained_ckpt, "tokenizer.model"), "rb").read())
+    result = sample("--ckpt", str(other))
+    assert result.returncode == 1 and "is not a checkpoint of this model code" in result.stderr
+    result = sample("--ckpt", trained_ckpt, "--prompt_file", str(tmp_path / "missing.txt"))
+    assert result.returncode == 1 and "cannot read --prompt_file" in result.stderr
+    result = sample("--ckpt", trained_ckpt, "--top_p", "1.5")
+    assert result.returncode == 2 and "--top_p must be in (0, 1]" in result.stderr

@@ -1,0 +1,135 @@
+"""train.py and parallel.py: the configuration rules, the schedule, and the promises of the loop --
+gradient accumulation, two processes and a resumed run all compute what one straight run computes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train import DEFAULTS, get_lr, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--lr_decay_iters=8",
+        "--min_lr=3e-4"]
+
+
+def run(args, launcher=(sys.executable,), check=True):
+    # One thread per process: two processes on two cores must not fight over OpenMP threads.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def step_losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["iter"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def assert_same_weights(a, b, tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), f"{k} differs by {(a[k] - b[k]).abs().max()}"
+
+
+def test_config_file_then_overrides_in_order(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_layer = 3\nlearning_rate = 1e-3\n_private = 'ignored'\n")
+    config = load_config(DEFAULTS, [str(cfg), "--learning_rate=2", "--device=cpu", "--compile=True"])
+    assert config["n_layer"] == 3
+    assert config["learning_rate"] == 2.0 and type(config["learning_rate"]) is float  # int accepted for float
+    assert config["device"] == "cpu" and config["compile"] is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learing_rate=1e-3"], "unknown config key 'learing_rate'"),
+    (["--n_layer=2.5"], "config key 'n_layer' must be int"),
+    (["--compile=1"], "config key 'compile' must be bool"),
+    (["--n_layer"], "must look like --key=value"),
+    (["config/does_not_exist.py"], "config file 'config/does_not_exist.py' does not exist"),
+])
+def test_bad_config_is_one_clear_error(args, message):
+    result = run(args, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_and_missing_checkpoint_are_clear_errors(tmp_path, prepared_data):
+    result = run([f"--data_dir={tmp_path}/nothing"], check=False)
+    assert result.returncode == 1 and "run prepare_data.py first" in result.stderr
+    result = run([f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--init_from=resume"], check=False)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_lr_warms_up_from_nonzero_then_follows_the_cosine():
+    config = dict(DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    lrs = [get_lr(it, config) for it in range(120)]
+    assert 0 < lrs[0] < lrs[1] < lrs[9] < 1.0
+    assert lrs[10] == pytest.approx(1.0)
+    for it in (10, 35, 60, 85, 110):  # the cosine, written out independently
+        assert lrs[it] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (it - 10) / 100)))
+    assert lrs[119] == pytest.approx(0.1)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=3", "--eval_interval=3"]
+    run([*common, f"--out_dir={tmp_path}/big", "--batch_size=4", "--gradient_accumulation_steps=1"])
+    run([*common, f"--out_dir={tmp_path}/accum", "--batch_size=2", "--gradient_accumulation_steps=2"])
+    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accum"), tol=1e-6)
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, prepared_data):
+    # Accumulation, clipping (a tight clip so it really acts) and weight decay all in play.
+    common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=4", "--eval_interval=4",
+              "--gradient_accumulation_steps=4", "--grad_clip=0.5"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    run([*common, f"--out_dir={tmp_path}/two"], launcher=torchrun)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), tol=1e-6)
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3, 4}
+    assert all(abs(one[i] - two[i]) < 1e-6 for i in one)
+
+
+def test_resume_replays_the_straight_run_exactly(tmp_path, prepared_data):
+    # Dropout makes the result depend on the restored random state, not only on weights and data.
+    common = [*TINY, f"--data_dir={prepared_data}", "--eval_interval=3", "--dropout=0.1"]
+    run([*common, f"--out_dir={tmp_path}/straight", "--max_iters=6"])
+    run([*common, f"--out_dir={tmp_path}/resumed", "--max_iters=3"])
+    run([*common, f"--out_dir={tmp_path}/resumed", "--max_iters=6", "--init_from=resume"])
+    straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "resumed")
+    assert [resumed[i] for i in range(1, 7)] == [straight[i] for i in range(1, 7)]
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"), tol=0)
+
+
+def test_resume_refuses_a_different_model_shape(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--eval_interval=2"]
+    run([*common, "--max_iters=2"])
+    result = run([*common, "--max_iters=4", "--init_from=resume", "--n_layer=3"], check=False)
+    assert result.returncode == 1 and "n_layer=3 here but 2 in" in result.stderr
+
+
+def test_metrics_log_has_the_promised_fields(tmp_path, prepared_data):
+    run([*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--max_iters=2", "--eval_interval=2"])
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2] and [r["iter"] for r in evals] == [0, 2]
+    assert {"iter", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"} <= steps[0].keys()
+    assert {"iter", "train_loss", "val_loss", "val_bpb", "elapsed_s"} <= evals[0].keys()
+    # Untrained, the model is near uniform over the vocabulary: loss about ln(vocab).
+    vocab = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_config"]["vocab_size"]
+    assert abs(evals[0]["val_loss"] - math.log(vocab)) < 0.5
+    assert os.path.isfile(tmp_path / "out" / "tokenizer.model")
