@@ -56,7 +56,7 @@ def main() -> None:
 
     data, out = os.path.join(work, "data"), os.path.join(work, "out")
     prepare_s = run([sys.executable, "prepare_data.py", "--input", os.path.join(work, "train.txt"),
-                     "--val_input", os.path.join(work, "val.txt"), "--vocab_size", "2048", "--out", data])
+                     "--val_input", os.path.join(work, "val.txt"), "--vocab_size", "1024", "--out", data])
     train_s = run([sys.executable, "train.py", "config/shakespeare_cpu.py", f"--data_dir={data}", f"--out_dir={out}"])
     val_bpb = last_record(out, "val_bpb")["val_bpb"]
 
@@ -74,7 +74,7 @@ def main() -> None:
     print(f"| myllm config/shakespeare_cpu.py | {val_bpb:.3f} | {train_s:.0f} s (+ {prepare_s:.0f} s prepare) |")
     print(f"\nratio of bits per byte (myllm / nanoGPT): {val_bpb / NANOGPT_VAL_BPB:.3f}; "
           f"ratio of wall time: {(train_s + prepare_s) / NANOGPT_WALL_S:.2f}")
-    print(f"6 layers x 384 wide, block 256, batch 8, vocab 2048: {tokens_per_s:,.0f} training tokens/s "
+    print(f"6 layers x 384 wide, block 256, batch 8, vocab 1024: {tokens_per_s:,.0f} training tokens/s "
           f"(nanoGPT with the GPT-2 vocabulary here: {NANOGPT_6x384_TOKENS_PER_S} tokens/s)")
 
 
