@@ -29,6 +29,9 @@ def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
     try:
         # weights_only: a checkpoint is data; unpickling arbitrary objects from a file would run code.
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:  # a torn or foreign file: say so in one line
+        raise SystemExit(f"cannot read {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    try:
         model = Transformer(ModelConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:

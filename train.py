@@ -198,7 +198,9 @@ def main(argv: list[str]) -> None:
     block_size = c["block_size"]
     n_tokens = {}
     for split, path in bins.items():
-        n_tokens[split] = os.path.getsize(path) // data_dtype.itemsize if os.path.isfile(path) else 0
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} not found: run prepare_data.py again (it writes meta.json last)")
+        n_tokens[split] = os.path.getsize(path) // data_dtype.itemsize
         if n_tokens[split] <= block_size:
             raise SystemExit(f"{path} holds {n_tokens[split]} tokens, fewer than block_size + 1 = {block_size + 1}: "
                              "use a smaller block_size or more data")
@@ -225,7 +227,10 @@ def main(argv: list[str]) -> None:
     if c["init_from"] == "resume":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as e:  # a torn or foreign file: say so in one line
+            raise SystemExit(f"cannot read {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
         if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
             raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
         for key, value in asdict(model_config).items():

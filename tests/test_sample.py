@@ -56,6 +56,9 @@ def test_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path):
     (other / "tokenizer.model").write_bytes(open(os.path.join(trained_ckpt, "tokenizer.model"), "rb").read())
     result = sample("--ckpt", str(other))
     assert result.returncode == 1 and "is not a checkpoint of this model code" in result.stderr
+    (other / "ckpt.pt").write_bytes(b"torn")
+    result = sample("--ckpt", str(other))
+    assert result.returncode == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
     result = sample("--ckpt", trained_ckpt, "--prompt_file", str(tmp_path / "missing.txt"))
     assert result.returncode == 1 and "cannot read --prompt_file" in result.stderr
     result = sample("--ckpt", trained_ckpt, "--top_p", "1.5")

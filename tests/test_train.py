@@ -133,3 +133,10 @@ def test_metrics_log_has_the_promised_fields(tmp_path, prepared_data):
     vocab = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_config"]["vocab_size"]
     assert abs(evals[0]["val_loss"] - math.log(vocab)) < 0.5
     assert os.path.isfile(tmp_path / "out" / "tokenizer.model")
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, prepared_data):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    result = run([*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--init_from=resume"], check=False)
+    assert result.returncode == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
