@@ -149,7 +149,8 @@ def peak_flops(device_type: str, ptdtype: torch.dtype) -> float | None:
     if device_type != "cuda" or ptdtype != torch.bfloat16:
         return None
     name = torch.cuda.get_device_name()
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("4090", 165e12)):
+    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "4090": 165e12}
+    for key, flops in table.items():
         if key in name:
             return flops
     return None
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> None:
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     # fp16's narrow exponent range needs loss scaling so small gradients do not flush to zero; bf16 does not.
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    # TF32 tensor cores for the fp32 matmuls that remain (10 mantissa bits: fine for training).
+    # TF32 tensor cores for the fp32 matmuls that remain on a GPU (10 mantissa bits: fine for training).
     torch.set_float32_matmul_precision("high")
     # Different dropout masks per rank (they see different data anyway); weights come from rank 0.
     torch.manual_seed(c["seed"] + rank)
@@ -222,7 +223,10 @@ def main(argv: list[str]) -> None:
     # ---- model and optimizer ------------------------------------------------------------------
     os.makedirs(c["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
-    model_config = ModelConfig(vocab_size=meta["vocab_size"], **{k: c[k] for k in MODEL_KEYS})
+    try:
+        model_config = ModelConfig(vocab_size=meta["vocab_size"], **{k: c[k] for k in MODEL_KEYS})
+    except ValueError as e:
+        raise SystemExit(f"model config: {e}")
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
     if c["init_from"] == "resume":
         if not os.path.isfile(ckpt_path):

@@ -65,6 +65,11 @@ def test_bad_config_is_one_clear_error(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_impossible_model_shape_is_a_clear_error(prepared_data):
+    result = run([f"--data_dir={prepared_data}", "--n_embd=100", "--n_head=3"], check=False)
+    assert result.returncode == 1 and "n_embd (100) must be divisible by n_head (3)" in result.stderr
+
+
 def test_missing_data_and_missing_checkpoint_are_clear_errors(tmp_path, prepared_data):
     result = run([f"--data_dir={tmp_path}/nothing"], check=False)
     assert result.returncode == 1 and "run prepare_data.py first" in result.stderr
