@@ -1,15 +1,18 @@
 """
-The myllm model: a decoder-only Transformer in the Llama / Qwen2 style, in one file that reads top to bottom.
+The myllm model: a decoder-only Transformer in the Llama / Qwen2 style, with DeepSeek-V3's attention and experts as
+options, in one file that reads top to bottom.
 
     from model import ModelConfig, Transformer
-    model = Transformer(ModelConfig(n_layer=4))
+    model = Transformer(ModelConfig(n_layer=4))                        # Llama-style: GQA + SwiGLU
+    model = Transformer(ModelConfig(attn="mla", n_routed_experts=16))  # DeepSeek-V3-style: MLA + MoE
     logits, loss = model(idx, targets)                     # training: idx, targets (B, T) token ids
     for token in model.generate(prompt, 100, top_p=0.9):   # inference: yields (B,) tokens, one per step
         ...
 
-Compared with GPT-2 (nanoGPT): RMSNorm instead of LayerNorm, rotary position embeddings (RoPE) instead of
-learned ones, grouped-query attention (GQA), a SwiGLU MLP, no biases except optionally on q/k/v (Qwen2).
-Module names (wte, layers.N.attn.wq, ...) are fixed: the Hugging Face export maps them one to one.
+Compared with GPT-2 (nanoGPT): RMSNorm instead of LayerNorm, rotary position embeddings (RoPE, optionally stretched
+past the training length) instead of learned ones, grouped-query attention (GQA) or DeepSeek's multi-head latent
+attention (MLA), a SwiGLU MLP or a DeepSeek mixture of experts (MoE), no biases except optionally on q/k/v (Qwen2).
+Module names (wte, layers.N.attn.wq, ...) are fixed: export_hf.py maps them one to one to Hugging Face's.
 
 The one idea to understand first: every token carries an explicit *position* and every attention call an
 explicit *mask* of allowed (query, key) pairs. Training uses the plain case (positions 0..T-1, causal mask);
@@ -19,49 +22,136 @@ serve all three, so a padded or cached row computes exactly what it computes alo
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# rope_scaling types: (required keys, optional keys), spelled as Hugging Face's config.json spells them. One addition:
+# "dynamic" names its original_max_position_embeddings here, where Hugging Face takes max_position_embeddings.
+ROPE_SCALING_KEYS = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor", "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}),
+    "llama3": ({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}, set()),
+}
+
 
 @dataclass
 class ModelConfig:
     vocab_size: int = 6400
-    block_size: int = 512  # longest sequence; sizes the RoPE tables and the generation window
+    block_size: int = 512  # longest sequence; sizes the generation window
     n_layer: int = 8
     n_head: int = 8
     n_kv_head: int = 2  # GQA (Ainslie et al. 2023): n_head // n_kv_head query heads share one key/value head
     n_embd: int = 512
     inter_dim: int = 0  # SwiGLU hidden size; 0 = 8/3 * n_embd rounded up to a multiple of 64
     rope_theta: float = 1e6  # RoPE base; large (Qwen2's value) so the slowest pairs barely turn over block_size
+    rope_scaling: dict = field(default_factory=dict)  # {} = none; else as Hugging Face writes it, see rope_inv_freq
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head reuses wte's matrix: fewer parameters, as in GPT-2 and small Qwen2
     qkv_bias: bool = False  # Qwen2 puts biases on q, k, v (only)
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # "sdpa" (PyTorch's fused kernels) or "eager" (the readable reference)
+    # Attention: "gqa" (n_kv_head key/value heads; n_kv_head = n_head is plain multi-head attention) or "mla",
+    # DeepSeek-V2/V3's multi-head latent attention, with the names of DeepSeek-V3's config (n_kv_head is unused).
+    attn: str = "gqa"
+    q_lora_rank: int = 0  # 0: queries straight from x; else through a bottleneck of this rank
+    kv_lora_rank: int = 256  # the latent cached per token, from which every head's keys and values are expanded
+    qk_nope_head_dim: int = 64  # per-head query/key dims expanded from the latent, without position
+    qk_rope_head_dim: int = 32  # per-head query dims with RoPE; the rope key of this width is shared by all heads
+    v_head_dim: int = 64
+    # Mixture of experts (DeepSeekMoE, Dai et al. 2024, as configured in DeepSeek-V3).
+    n_routed_experts: int = 0  # 0 = the dense SwiGLU MLP in every layer
+    n_shared_experts: int = 1  # experts every token goes through
+    num_experts_per_tok: int = 2  # routed experts per token
+    moe_inter_dim: int = 0  # hidden size of one expert; 0 = inter_dim // (num_experts_per_tok + n_shared_experts)
+    n_group: int = 1  # experts are split into groups and a token may only use its topk_group best groups
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
+    norm_topk_prob: bool = True  # the chosen experts' weights sum to 1 (before routed_scaling_factor)
+    scoring_func: str = "sigmoid"  # DeepSeek-V3's "sigmoid" or DeepSeek-V2's "softmax" over the experts
+    first_k_dense_replace: int = 1  # the first layers keep the dense MLP (DeepSeek-V3: 3 of 61)
+    bias_update_rate: float = 1e-3  # gamma of auxiliary-loss-free balancing (DeepSeek-V3's value)
+    balance_loss_coef: float = 0.0  # alpha of the sequence-wise balance loss; 0 = off (DeepSeek-V3: 1e-4)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim = n_embd // n_head must be even for RoPE's pairs, got {self.head_dim}")
+        if self.attn == "gqa":
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        elif self.attn == "mla":
+            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if self.q_lora_rank < 0 or self.qk_nope_head_dim < 0:
+                raise ValueError("q_lora_rank and qk_nope_head_dim must be >= 0")
+            if self.qkv_bias:
+                raise ValueError("qkv_bias is for attn='gqa'; MLA has no biases")
+        else:
+            raise ValueError(f"attn must be 'gqa' or 'mla', got {self.attn!r}")
+        if self.rope_dim % 2:
+            raise ValueError(f"head_dim (the RoPE dims of a head) must be even for RoPE's pairs, got {self.rope_dim}")
+        self._check_rope_scaling()
         if self.inter_dim == 0:
             # 8/3 keeps SwiGLU's three matrices at the parameter count of a 4x two-matrix MLP (Shazeer 2020);
             # a multiple of 64 keeps the matmuls on fast tile sizes.
             self.inter_dim = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_routed_experts:
+            self._check_moe()
+
+    def _check_rope_scaling(self):
+        if not self.rope_scaling:
+            return
+        kind = self.rope_scaling.get("rope_type")
+        if kind not in ROPE_SCALING_KEYS:
+            raise ValueError(f"rope_scaling['rope_type'] must be one of {', '.join(ROPE_SCALING_KEYS)}, got {kind!r}")
+        required, optional = ROPE_SCALING_KEYS[kind]
+        keys = set(self.rope_scaling) - {"rope_type"}
+        if required - keys:
+            raise ValueError(f"rope_scaling of type {kind!r} needs the keys {sorted(required - keys)}")
+        if keys - required - optional:
+            raise ValueError(f"rope_scaling of type {kind!r} has unknown keys {sorted(keys - required - optional)}")
+        if not self.rope_scaling["factor"] >= 1:
+            raise ValueError(f"rope_scaling['factor'] must be >= 1, got {self.rope_scaling['factor']}")
+
+    def _check_moe(self):
+        E, k, groups = self.n_routed_experts, self.num_experts_per_tok, self.n_group
+        if E < 0 or self.n_shared_experts < 0:
+            raise ValueError("n_routed_experts and n_shared_experts must be >= 0")
+        if not 1 <= k <= E:
+            raise ValueError(f"num_experts_per_tok must be between 1 and n_routed_experts ({E}), got {k}")
+        if groups < 1 or E % groups:
+            raise ValueError(f"n_group ({groups}) must divide n_routed_experts ({E})")
+        if groups > 1 and E // groups < 2:
+            raise ValueError("n_group: each group needs at least 2 experts (a group scores the sum of its top 2)")
+        if not 1 <= self.topk_group <= groups or self.topk_group * (E // groups) < k:
+            raise ValueError(f"topk_group ({self.topk_group}) must be between 1 and n_group ({groups}) and its groups "
+                             f"must hold at least num_experts_per_tok ({k}) experts")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        if not 0 <= self.first_k_dense_replace <= self.n_layer:
+            raise ValueError(f"first_k_dense_replace must be between 0 and n_layer, got {self.first_k_dense_replace}")
+        if self.moe_inter_dim == 0:
+            # A token's experts (routed and shared) together are as wide as the dense MLP: same active parameters.
+            self.moe_inter_dim = self.inter_dim // (k + self.n_shared_experts)
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    @property
+    def rope_dim(self):
+        """Dims of a query or key head that RoPE rotates: all of a GQA head, the decoupled rope part in MLA."""
+        return self.qk_rope_head_dim if self.attn == "mla" else self.head_dim
 
 
 class RMSNorm(nn.Module):
@@ -79,31 +169,101 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_inv_freq(head_dim, theta):
-    """Angular speed of each of the head_dim / 2 rotating pairs: theta^(-2i / head_dim) (RoFormer, Su et al.)."""
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def yarn_mscale(factor, mscale=1.0):
+    """YaRN's attention temperature (Peng et al. 2023, section 3.4): sqrt(1/t) = 0.1 ln(factor) + 1, times mscale."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(dim, theta, scaling, seq_len=0):
+    """Angular speed of each of the dim / 2 rotating pairs: theta^(-2i / dim) (RoFormer, Su et al.), stretched so
+    that a model trained on original_max_position_embeddings positions reads further ones. The formulas are Hugging
+    Face's (modeling_rope_utils), so an exported model computes the same angles.
+
+    scaling["rope_type"]:
+      linear  position interpolation (Chen et al. 2023): every pair turns factor times slower.
+      dynamic NTK-aware scaling grown with the sequence (bloc97, emozilla 2023): RoPE's base grows instead of the
+              positions shrinking, by (factor * seq_len / original - factor + 1)^(dim / (dim - 2)), which slows
+              the slowest pair by that ratio and leaves the fastest alone. Only past the original length;
+              seq_len is the longest sequence of the current call.
+      yarn    (Peng et al. 2023) pairs that turn more than beta_fast times over the original length keep their
+              speed, pairs that turn less than beta_slow times are interpolated by factor, a linear ramp between.
+      llama3  (Llama 3.1) the same idea by wavelength: shorter than original / high_freq_factor kept, longer than
+              original / low_freq_factor divided by factor, a smooth blend between.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    kind = scaling.get("rope_type")
+    if kind is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    original = scaling["original_max_position_embeddings"]
+    if kind == "dynamic":
+        if seq_len <= original:
+            return inv_freq
+        base = theta * (factor * seq_len / original - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if kind == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        # 0 for wavelengths above original / low (interpolated), 1 below original / high (kept), linear between.
+        smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+    def pair_turning(rotations):  # the (fractional) pair index that turns `rotations` times over the original length
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(scaling.get("beta_fast") or 32), pair_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)  # ramp 0: fast pairs kept, 1: slow pairs interpolated
+
+
+def rope_attention_factor(scaling):
+    """YaRN's temperature, applied to cos and sin (so to every q.k score twice): attention_factor, else the ratio
+    of the mscales when both are given (DeepSeek's configs give equal ones, and scale the softmax instead), else
+    yarn_mscale(factor). 1 for the other types."""
+    if scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables of RoPE, looked up by position so each row of a batch can have its own positions."""
+    """cos / sin of RoPE's angles at given positions, so each row of a batch can have its own positions."""
 
-    def __init__(self, head_dim, max_len, theta):
+    def __init__(self, dim, theta, scaling):
         super().__init__()
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(head_dim, theta))
-        # Rotate-half layout (Hugging Face Llama): dim i is paired with dim i + head_dim/2, not with i + 1 as
-        # in the paper, so both halves of a pair share one angle. (max_len, head_dim)
-        angles = torch.cat((angles, angles), dim=-1)
-        # Non-persistent: derived from the config, so they stay out of checkpoints and exports.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.dim, self.theta, self.scaling = dim, theta, scaling
+        # Non-persistent: derived from the config, so it stays out of checkpoints and exports.
+        self.register_buffer("inv_freq", rope_inv_freq(dim, theta, scaling), persistent=False)
+        self.attention_factor = rope_attention_factor(scaling)
 
     def forward(self, positions, dtype):
-        """positions (B, T) -> cos, sin, each (B, 1, T, head_dim), broadcasting over heads."""
-        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+        """positions (B, T) -> cos, sin, each (B, 1, T, dim), broadcasting over heads."""
+        inv_freq = self.inv_freq
+        if self.scaling.get("rope_type") == "dynamic":
+            # As Hugging Face: the frequencies of the longest sequence in this call. Cached keys keep the angles
+            # they were given, so with dynamic scaling a cached forward differs from an uncached one.
+            seq_len = int(positions.max()) + 1
+            inv_freq = rope_inv_freq(self.dim, self.theta, self.scaling, seq_len).to(positions.device)
+        angles = positions[..., None].float() * inv_freq  # (B, T, dim / 2)
+        # Rotate-half layout (Hugging Face Llama): dim i is paired with dim i + dim/2, not with i + 1 as in the
+        # paper, so both halves of a pair share one angle.
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, dim)
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x[..., i], x[..., i + head_dim/2]) of x (B, heads, T, head_dim) by its angle."""
+    """Rotate each pair (x[..., i], x[..., i + dim/2]) of x (B, heads, T, dim) by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -127,34 +287,39 @@ def make_attention_mask(key_is_real, n_queries):
     return allowed[:, None], has_key[:, None]
 
 
-def eager_attention(q, k, v, allowed, dropout_p):
+def eager_attention(q, k, v, allowed, dropout_p, scale):
     """Softmax attention written out step by step; "sdpa" computes the same thing with fused kernels."""
     n_rep = q.size(1) // k.size(1)
-    k = k.repeat_interleave(n_rep, dim=1)  # (B, n_head, S, hd): query head h reads key/value head h // n_rep
+    k = k.repeat_interleave(n_rep, dim=1)  # (B, n_head, S, d_qk): query head h reads key/value head h // n_rep
     v = v.repeat_interleave(n_rep, dim=1)
-    # 1/sqrt(hd) keeps the scores at unit variance, so the softmax does not saturate (Vaswani et al. 2017).
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, n_head, T, S)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, n_head, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = F.softmax(scores.float(), dim=-1).to(q.dtype)  # float32: exp() of bf16 scores is coarse
     probs = F.dropout(probs, p=dropout_p)
-    return probs @ v  # (B, n_head, T, hd)
+    return probs @ v  # (B, n_head, T, d_v)
 
 
-def attention(q, k, v, mask, impl, dropout_p=0.0):
-    """q (B, n_head, T, hd) attends over k, v (B, n_kv_head, S, hd) -> (B, n_head, T, hd).
+def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
+    """q (B, n_head, T, d_qk) attends over k (B, n_kv_head, S, d_qk), v (B, n_kv_head, S, d_v) -> (B, n_head, T, d_v).
 
-    mask: None for plain causal attention (S == T: no padding, nothing cached), else make_attention_mask().
+    mask: make_attention_mask(), or None when no key is padding and the queries are either all S positions (plain
+    causal attention) or a single new one (it sees every key).
+    scale: of the scores; None = 1/sqrt(d_qk), which keeps them at unit variance so the softmax does not saturate
+    (Vaswani et al. 2017).
     """
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     if mask is None and impl == "sdpa":
-        # No mask tensor at all: lets PyTorch pick the flash-attention kernel.
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+        # No mask tensor at all: lets PyTorch pick its fastest kernel. (is_causal aligns the first query with the
+        # first key, so it is right for T == S; a single query needs no mask.)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=q.size(2) > 1, scale=scale,
+                                              enable_gqa=True)
     if mask is None:
         mask = make_attention_mask(torch.ones(q.size(0), k.size(2), dtype=torch.bool, device=q.device), q.size(2))
     allowed, has_key = mask
     if impl == "sdpa":
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=True)
     else:
-        y = eager_attention(q, k, v, allowed, dropout_p)
+        y = eager_attention(q, k, v, allowed, dropout_p, scale)
     return y.masked_fill(~has_key, 0.0)  # queries without a real key output zeros (see make_attention_mask)
 
 
@@ -183,17 +348,183 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
 
 
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, 2024): keys and values of every head are expanded from one small
+    latent per token, so a KV cache holds only that latent and one RoPE key shared by the heads.
+
+    RoPE cannot act on keys expanded from a cached latent (the rotation would sit between the query and the
+    expansion matrix and stop it from being folded away), so position goes through extra "decoupled" dims: each
+    head's query has qk_nope_head_dims that meet the expanded key and qk_rope_head_dims that meet the shared
+    rotated key. Two ways to compute the same attention:
+      naive (no KV cache: training)   expand the latent into per-head keys and values, attend as usual.
+      absorbed (with a KV cache)      fold the key expansion W_UK into the query and the value expansion W_UV
+                                      into the output, and attend straight over the cached latents: multi-query
+                                      attention of width kv_lora_rank + qk_rope_head_dim, with no expansion of
+                                      the S cached tokens at each step.
+    """
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_impl, self.dropout = config.attn_impl, config.dropout
+        self.n_head, self.rank, self.q_lora_rank = config.n_head, config.kv_lora_rank, config.q_lora_rank
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        qk_dim = self.nope + self.rope
+        if config.q_lora_rank:
+            # DeepSeek's inner norms use eps 1e-6 whatever the model's norm_eps (so does Hugging Face's port).
+            self.wq_a = nn.Linear(config.n_embd, config.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(config.q_lora_rank, 1e-6)
+            self.wq_b = nn.Linear(config.q_lora_rank, config.n_head * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(config.n_embd, config.n_head * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(config.n_embd, self.rank + self.rope, bias=False)  # latent and rope key, one matmul
+        self.kv_norm = RMSNorm(self.rank, 1e-6)
+        self.wkv_b = nn.Linear(self.rank, config.n_head * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV per head
+        self.wo = nn.Linear(config.n_head * self.v_dim, config.n_embd, bias=False)
+        # The scores span nope + rope dims, so the 1/sqrt(d) of attention is over both. With YaRN and mscale_all_dim
+        # (DeepSeek-V3's long-context config) the softmax temperature mscale^2 goes here, on all dims, as in
+        # DeepSeek's and Hugging Face's code.
+        self.scale = qk_dim**-0.5
+        scaling = config.rope_scaling
+        if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+
+    def forward(self, x, rope, mask, kv_cache):
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.n_head, self.nope + self.rope).transpose(1, 2)  # (B, n_head, T, nope + rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_norm(latent)  # (B, T, rank)
+        q_rope, k_rope = apply_rope(q_rope, *rope), apply_rope(k_rope[:, None], *rope)  # k_rope (B, 1, T, rope)
+        dropout = self.dropout if self.training else 0.0
+        if kv_cache is None:  # naive: expand each token's latent into every head's key and value
+            kv = self.wkv_b(latent).view(B, T, self.n_head, self.nope + self.v_dim).transpose(1, 2)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, n_head, T, nope), (B, n_head, T, v_dim)
+            k = torch.cat((k_nope, k_rope.expand(-1, self.n_head, -1, -1)), dim=-1)
+            y = attention(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.attn_impl, dropout, self.scale)
+        else:  # absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, and W_UV commutes with the weighted sum over c
+            kv = torch.cat((latent[:, None], k_rope), dim=-1)  # (B, 1, T, rank + rope): all that a token caches
+            (kv,) = kv_cache.update(self.layer_id, kv)  # (B, 1, S, rank + rope)
+            w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
+            w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]  # (n_head, nope, rank), (n_head, v_dim, rank)
+            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, n_head, T, rank)
+            y = attention(torch.cat((q_latent, q_rope), dim=-1), kv, kv[..., : self.rank], mask, self.attn_impl,
+                          dropout, self.scale)  # (B, n_head, T, rank): per head, a weighted sum of latents
+            y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, n_head, T, v_dim)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"): w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, config):
+    def __init__(self, dim, inter_dim):
         super().__init__()
-        self.w1 = nn.Linear(config.n_embd, config.inter_dim, bias=False)  # gate
-        self.w3 = nn.Linear(config.n_embd, config.inter_dim, bias=False)  # up
-        self.w2 = nn.Linear(config.inter_dim, config.n_embd, bias=False)  # down
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """DeepSeek-V3's router: which num_experts_per_tok experts each token goes to, and with what weight.
+
+    Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 section 2.1.2): a per-expert bias is added to the
+    scores for *choosing* experts only, never for weighting them, and after each optimizer step it moves by
+    bias_update_rate toward the experts that got fewer tokens than the mean (update_bias).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.scoring_func, self.norm_topk_prob = config.scoring_func, config.norm_topk_prob
+        self.routed_scaling_factor, self.bias_update_rate = config.routed_scaling_factor, config.bias_update_rate
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.n_embd))
+        # Buffers, not parameters: no gradient moves them. bias is part of the trained model (saved, exported);
+        # load counts the tokens routed to each expert since the last update (training forwards only).
+        self.register_buffer("bias", torch.zeros(config.n_routed_experts))
+        self.register_buffer("load", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def forward(self, x):
+        """x (N, n_embd) -> weights (N, k), experts (N, k), scores (N, n_routed_experts)."""
+        # Routing in float32 even under autocast: near-tied bf16 scores would pick experts at random.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(self.weight.dtype), self.weight)
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores + self.bias
+        if self.n_group > 1:  # group-limited routing: a token's experts lie in its topk_group best groups
+            N, E = biased.shape
+            group_scores = biased.view(N, self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
+            best_groups = group_scores.topk(self.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, False)
+            biased = biased.masked_fill(dropped.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
+        experts = biased.topk(self.k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, experts)  # from the unbiased scores
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.training:
+            self.load += torch.bincount(experts.flatten(), minlength=self.load.numel())
+        return weights * self.routed_scaling_factor, experts, scores
+
+    @torch.no_grad()
+    def update_bias(self, load):
+        """After an optimizer step: an expert that got fewer tokens than the mean (load: tokens per expert, summed
+        over all ranks) becomes easier to choose by bias_update_rate, one that got more becomes harder."""
+        self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.load.zero_()
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: many small routed experts of which each token uses a few, plus shared experts every token uses.
+
+    Dispatch without a loop over tokens: the (token, expert) pairs are sorted by expert, each expert runs once on
+    the contiguous run of its tokens, and the weighted outputs are added back at the tokens' rows. In training
+    every expert runs even on zero tokens, so each has a gradient (zeros) every step: a rank whose tokens skipped
+    an expert still sends that gradient to the all-reduce, and no rank waits for a tensor that never comes.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(MLP(config.n_embd, config.moe_inter_dim) for _ in range(config.n_routed_experts))
+        # The shared experts are one MLP of their summed width: the same function, one matmul each.
+        n_shared = config.n_shared_experts
+        self.shared_experts = MLP(config.n_embd, n_shared * config.moe_inter_dim) if n_shared else None
+        self.balance_loss = None  # set by each training forward, read by Transformer.forward
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)
+        weights, experts, scores = self.gate(x)  # (N, k), (N, k), (N, n_routed_experts)
+        k = experts.size(1)
+        pairs = experts.flatten().argsort(stable=True)  # (N * k,) indices of (token, slot) pairs, grouped by expert
+        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
+        y = torch.zeros_like(x)
+        for expert, expert_pairs, count in zip(self.experts, pairs.split(counts), counts):
+            if count == 0 and not torch.is_grad_enabled():
+                continue  # nothing to compute, and no gradient to keep defined
+            tokens = expert_pairs // k
+            out = expert(x[tokens]) * weights.flatten()[expert_pairs, None]
+            y.index_add_(0, tokens, out.to(y.dtype))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.training:
+            self.balance_loss = self.sequence_balance_loss(experts.view(B, T * k), scores.view(B, T, -1))
+        return y.view(B, T, D)
+
+    @staticmethod
+    def sequence_balance_loss(experts, scores):
+        """DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), before its coefficient alpha:
+        sum over experts of f_i * P_i, with f_i the fraction of the sequence's choices that went to expert i
+        (scaled so that 1 is perfectly even) and P_i its mean normalised score; averaged over sequences.
+        experts (B, T * k) chosen experts, scores (B, T, E)."""
+        B, T, E = scores.shape
+        chosen = scores.new_zeros(B, E).scatter_add_(1, experts, scores.new_ones(experts.shape))  # (B, E) counts
+        f = chosen * E / experts.size(1)  # (B, E)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+        return (f * p).sum(dim=-1).mean()
 
 
 class Block(nn.Module):
@@ -202,9 +533,11 @@ class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.attn = Attention(config, layer_id)
+        self.attn = MLA(config, layer_id) if config.attn == "mla" else Attention(config, layer_id)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.ffn = MLP(config)
+        # DeepSeek keeps the first layers dense: routing on barely-processed token embeddings balances poorly.
+        moe = config.n_routed_experts > 0 and layer_id >= config.first_k_dense_replace
+        self.ffn = MoE(config) if moe else MLP(config.n_embd, config.inter_dim)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, kv_cache):
@@ -213,18 +546,30 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, so that each generation step runs only the new tokens.
+    """What attention needs of the tokens seen so far, so that each generation step runs only the new tokens.
 
-    Preallocated for max_len positions, of which `length` are filled. It also remembers which cached keys are
-    real tokens (not padding) and how many real tokens each row has, which is the next token's RoPE position.
+    Per layer: keys and values (B, n_kv_head, S, head_dim) for GQA; for MLA one tensor (B, 1, S, kv_lora_rank +
+    qk_rope_head_dim), the normalised latent and the rope key. Preallocated for max_len positions, of which
+    `length` are filled. It also remembers which cached keys are real tokens (not padding) and how many real
+    tokens each row has, which is the next token's RoPE position.
     """
 
     def __init__(self, config, batch_size, max_len, device=None):
-        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = self.v = None  # allocated by the first update(), in the keys' dtype (bf16 under autocast)
+        self.n_layer, self.max_len = config.n_layer, max_len
+        self.tensors = None  # allocated by the first update(), in its dtype (bf16 under autocast)
         self.key_is_real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.padded = False  # whether any cached key is padding
         self.length = 0
+
+    @staticmethod
+    def bytes_per_token(config, dtype=torch.float32):
+        """Cache size of one token over all layers: the number that limits batch size times context."""
+        if config.attn == "mla":
+            per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+        else:
+            per_layer = 2 * config.n_kv_head * config.head_dim  # a key and a value per kv head
+        return config.n_layer * per_layer * dtype.itemsize
 
     def append(self, is_real):
         """Take T new tokens, is_real (B, T); return the real-key mask of all tokens so far (B, length)."""
@@ -234,14 +579,14 @@ class KVCache:
         self.length += T
         return self.key_is_real[:, : self.length]
 
-    def update(self, layer, k, v):
-        """Store one layer's keys and values of the new tokens (B, n_kv_head, T, hd); return all so far."""
-        if self.k is None:
-            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
-        start = self.length - k.size(2)
-        self.k[layer, :, :, start : self.length] = k
-        self.v[layer, :, :, start : self.length] = v
-        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+    def update(self, layer, *new):
+        """Store one layer's tensors of the new tokens, each (B, heads, T, dim); return each with all so far."""
+        if self.tensors is None:
+            self.tensors = [t.new_zeros(self.n_layer, t.size(0), t.size(1), self.max_len, t.size(3)) for t in new]
+        start = self.length - new[0].size(2)
+        for stored, t in zip(self.tensors, new):
+            stored[layer, :, :, start : self.length] = t
+        return tuple(stored[layer, :, :, : self.length] for stored in self.tensors)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
@@ -272,7 +617,7 @@ class Transformer(nn.Module):
         # No padding_idx: it pins that row's gradient to zero, and the seed project got NaN gradients from it.
         # Padding is handled by attention_mask instead.
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.rope = RotaryEmbedding(config.head_dim, config.block_size, config.rope_theta)
+        self.rope = RotaryEmbedding(config.rope_dim, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(Block(config, layer_id) for layer_id in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -295,6 +640,9 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
+    def moe_layers(self):
+        return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
+
     def forward(self, idx, targets=None, attention_mask=None, kv_cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) are given.
 
@@ -310,11 +658,13 @@ class Transformer(nn.Module):
         # so left padding does not shift a row: it gets the same logits as without the padding.
         positions = is_real.long().cumsum(dim=1) - is_real.long()  # (B, T)
         key_is_real = is_real
+        padded = attention_mask is not None and not bool(is_real.all())
         if kv_cache is not None:
             positions = positions + kv_cache.n_real[:, None]
             key_is_real = kv_cache.append(is_real)  # (B, start + T)
-        plain_causal = attention_mask is None and start == 0
-        mask = None if plain_causal else make_attention_mask(key_is_real, T)
+            padded = kv_cache.padded = kv_cache.padded or padded
+        # Without padding, the two common cases need no mask tensor: training (T == S) and generating one token.
+        mask = make_attention_mask(key_is_real, T) if padded or 1 < T < start + T else None
 
         x = self.wte(idx)  # (B, T, n_embd)
         rope = self.rope(positions, x.dtype)
@@ -325,25 +675,44 @@ class Transformer(nn.Module):
         if targets is not None:
             # float32 log-softmax: bf16 logits would round the loss; -100 marks positions without a target.
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if self.training and self.config.balance_loss_coef > 0:
+                loss = loss + self.config.balance_loss_coef * sum(moe.balance_loss for moe in self.moe_layers())
         return logits, loss
 
-    def num_params(self, non_embedding=True):
+    def expert_load(self):
+        """Tokens routed to each expert since the last bias update, (n_moe_layers, n_routed_experts)."""
+        return torch.stack([moe.gate.load for moe in self.moe_layers()])
+
+    def update_expert_bias(self, load):
+        """Auxiliary-loss-free balancing after an optimizer step. load: expert_load() summed over all ranks, so
+        every rank applies the same update and the replicas stay identical."""
+        for moe, layer_load in zip(self.moe_layers(), load):
+            moe.gate.update_bias(layer_load)
+
+    def unused_expert_params(self):
+        """Parameters of the routed experts a token skips: all but num_experts_per_tok of them in each MoE layer."""
+        c = self.config
+        return len(self.moe_layers()) * (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.n_embd * c.moe_inter_dim
+
+    def num_params(self, non_embedding=True, active=False):
         """Parameter count, a tied matrix counted once. non_embedding drops wte (the lookup costs no FLOPs);
-        an untied lm_head is a real matmul and still counts."""
-        n = sum(p.numel() for p in self.parameters())
+        an untied lm_head is a real matmul and still counts. active: only the routed experts a token uses."""
+        n = sum(p.numel() for p in self.parameters()) - (self.unused_expert_params() if active else 0)
         return n - self.wte.weight.numel() if non_embedding else n
 
     def estimate_flops(self):
         """Training FLOPs per token, forward + backward (PaLM appendix B, as in nanochat).
 
-        Each matmul weight costs 2 FLOPs per token forward and 4 backward (gradients of input and weight).
-        Attention adds q @ k^T and probs @ v: 2 * 2 * n_head * head_dim * block_size per layer forward, times 3.
+        Each matmul weight a token uses costs 2 FLOPs per token forward and 4 backward (gradients of input and
+        weight). Attention adds q @ k^T and probs @ v: 2 * n_head * (d_qk + d_v) * block_size per layer forward,
+        times 3 (MLA trains on the naive path, so d_qk = nope + rope and d_v = v_head_dim).
         """
         c = self.config
-        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6.0 * matmul_params + 12.0 * c.n_layer * c.n_head * c.head_dim * c.block_size
+        matmuls = sum(m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, Gate)))
+        d_qk, d_v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.head_dim,) * 2
+        return 6.0 * (matmuls - self.unused_expert_params()) + 6.0 * c.n_layer * c.n_head * (d_qk + d_v) * c.block_size
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: each of the many small ops per token costs less
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None):
         """Yield the next token of every row, (B,), max_new_tokens times, continuing prompts idx (B, T).
 

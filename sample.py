@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import KVCache, ModelConfig, Transformer
 from tokenizer import EOS_ID, Tokenizer
 
 
@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(tokenizer.decode(new_ids)[len(printed):] + "\n")
         seconds += time.time() - t0
     print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s on {device}", file=sys.stderr)
+    # What each token of context costs in the KV cache, all layers: the number that caps batch x context.
+    dtype = model.wte.weight.dtype
+    print(f"KV cache: {KVCache.bytes_per_token(model.config, dtype):,} bytes per token "
+          f"({model.config.attn}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
 
 
 if __name__ == "__main__":

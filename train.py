@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 
 import numpy as np
 import torch
@@ -36,7 +36,8 @@ from tokenizer import Tokenizer
 # -----------------------------------------------------------------------------------------------
 # Configuration. Every name below is a config key; config/*.py files are executed as plain Python
 # and may set any of them, then --key=value arguments override (values parsed as Python literals).
-# Every ModelConfig field (n_layer, n_head, n_kv_head, n_embd, ..., see model.py) is a key too.
+# Every ModelConfig field (n_layer, n_head, n_kv_head, n_embd, ..., see model.py) is a key too;
+# rope_scaling is a dict, e.g. --rope_scaling="{'rope_type': 'linear', 'factor': 4.0}".
 out_dir = "out"
 data_dir = "data/pystdlib"  # made by prepare_data.py: train.bin, val.bin, meta.json, tokenizer.model
 init_from = "scratch"  # or "resume": continue from out_dir/ckpt.pt
@@ -65,7 +66,8 @@ seed = 1337
 dist_timeout_s = 600.0  # a collective waiting longer than this fails instead of hanging
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
-DEFAULTS |= {f.name: f.default for f in fields(ModelConfig) if f.name in MODEL_KEYS}
+DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
+             for f in fields(ModelConfig) if f.name in MODEL_KEYS}
 # -----------------------------------------------------------------------------------------------
 
 
@@ -103,7 +105,7 @@ def load_config(defaults: dict, argv: list[str]) -> dict:
             namespace = {}
             exec(open(arg).read(), namespace)
             for key, value in namespace.items():
-                if not key.startswith("_") and isinstance(value, (int, float, bool, str)):
+                if not key.startswith("_") and isinstance(value, (int, float, bool, str, dict)):
                     set_key(key, value, arg)
     return config
 
@@ -237,9 +239,10 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"cannot read {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
         if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
             raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
+        saved = asdict(ModelConfig(**checkpoint["model_config"]))  # a field added since then has its default
         for key, value in asdict(model_config).items():
-            if checkpoint["model_config"][key] != value:
-                raise SystemExit(f"resume: {key}={value!r} here but {checkpoint['model_config'][key]!r} in {ckpt_path}; "
+            if saved[key] != value:
+                raise SystemExit(f"resume: {key}={value!r} here but {saved[key]!r} in {ckpt_path}; "
                                  "the model must keep its shape (pass the config file the run started with)")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     elif c["init_from"] != "scratch":
@@ -267,12 +270,14 @@ def main(argv: list[str]) -> None:
     checkpoint = None  # free the loaded copy
     train_model = torch.compile(model) if c["compile"] else model
 
+    moe = len(model.moe_layers()) > 0
     flops_per_token = model.estimate_flops()
     peak = peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * block_size
     if master:
         print(json.dumps(config, indent=1))
-        print(f"{model.num_params() / 1e6:.2f}M parameters (without embeddings), vocab {meta['vocab_size']}, "
+        active = f" ({model.num_params(active=True) / 1e6:.2f}M active)" if moe else ""
+        print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {meta['vocab_size']}, "
               f"{world_size} process(es) on {device} in {dtype_name}, {tokens_per_iter:,} tokens per step")
         with open(os.path.join(c["out_dir"], "config.json"), "w") as f:
             json.dump(config, f, indent=1)
@@ -356,6 +361,11 @@ def main(argv: list[str]) -> None:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if moe:
+            # Auxiliary-loss-free balancing (model.Gate) from the tokens each expert got in this step's whole
+            # global batch: summed over the ranks, so every replica moves its biases identically.
+            expert_load = parallel.all_reduce_sum(model.expert_load())
+            model.update_expert_bias(expert_load)
         iter_num += 1
         bar.update(1)
 
@@ -366,8 +376,11 @@ def main(argv: list[str]) -> None:
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                log_metrics({"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                             "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": time.time() - t_start})
+                record = {"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                          "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": time.time() - t_start}
+                if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
+                    record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
+                log_metrics(record)
     bar.close()
     parallel.destroy()
 

@@ -1,4 +1,5 @@
-"""Tests of model.py against independent references: float64 math, brute-force attention, uncached forwards."""
+"""Tests of model.py against independent references: float64 math, brute-force attention, uncached forwards,
+a per-token reference router. (The comparison with Hugging Face's implementations is in test_export_hf.py.)"""
 
 import math
 
@@ -8,16 +9,21 @@ import torch
 from model import (
     KVCache,
     ModelConfig,
+    MoE,
     RMSNorm,
     RotaryEmbedding,
     Transformer,
     apply_rope,
     attention,
     make_attention_mask,
+    rope_inv_freq,
     sample_next_token,
 )
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+MLA_TINY = dict(attn="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+MOE_TINY = dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, moe_inter_dim=16)
+ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **MOE_TINY}}
 assert_close = torch.testing.assert_close
 
 
@@ -60,6 +66,12 @@ def test_config_resolves_swiglu_inter_dim():
     assert ModelConfig().head_dim == 64
 
 
+def test_config_gives_experts_the_dense_width_between_them():
+    # 3 routed + 1 shared expert of 352 = the dense MLP's 1408: the same active parameters.
+    assert ModelConfig(n_embd=512, n_routed_experts=16, num_experts_per_tok=3).moe_inter_dim == 352
+    assert ModelConfig(n_routed_experts=16, moe_inter_dim=100).moe_inter_dim == 100
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -68,6 +80,18 @@ def test_config_resolves_swiglu_inter_dim():
         (dict(attn_impl="flash"), "attn_impl"),
         (dict(n_embd=12, n_head=4, n_kv_head=4), "head_dim"),
         (dict(n_layer=0), "n_layer"),
+        (dict(attn="mqa"), "attn"),
+        (dict(attn="mla", qkv_bias=True), "qkv_bias"),
+        (dict(attn="mla", qk_rope_head_dim=5), "head_dim"),
+        (dict(rope_scaling={"rope_type": "ntk", "factor": 2.0}), "rope_type"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "original_max_position_embeddings"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 4}), "beta_fast"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 0.5}), "factor"),
+        (dict(n_routed_experts=6, n_group=4), "n_group"),
+        (dict(n_routed_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
+        (dict(n_routed_experts=8, scoring_func="relu"), "scoring_func"),
+        (dict(n_routed_experts=8, first_k_dense_replace=9), "first_k_dense_replace"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, field):
@@ -98,7 +122,7 @@ def test_rope_matches_complex_rotation_in_interleaved_layout():
     # x[2i] + i x[2i+1], multiplied by exp(i * position * theta^(-2i/d)). Our rotate-half layout keeps the
     # pair i in dims (i, i + d/2); interleaving them must give the paper's layout.
     hd, theta, max_len = 16, 1e4, 64
-    rope = RotaryEmbedding(hd, max_len, theta)
+    rope = RotaryEmbedding(hd, theta, {})
     positions = torch.randint(0, max_len, (2, 5))
     x = torch.randn(2, 3, 5, hd, dtype=torch.float64)
     got = apply_rope(x, *rope(positions, torch.float64))
@@ -114,7 +138,7 @@ def test_rope_matches_complex_rotation_in_interleaved_layout():
 
 def test_rope_scores_depend_only_on_distance():
     hd = 16
-    rope = RotaryEmbedding(hd, 64, theta=1e4)
+    rope = RotaryEmbedding(hd, 1e4, {})
     q, k = torch.randn(hd, dtype=torch.float64), torch.randn(hd, dtype=torch.float64)
 
     def score(m, n):
@@ -125,6 +149,45 @@ def test_rope_scores_depend_only_on_distance():
         scores = torch.stack([score(n + distance, n) for n in (0, 5, 40)])
         assert_close(scores, scores[:1].expand(3), atol=1e-5, rtol=0)
     assert not torch.isclose(score(3, 0), score(4, 0), atol=1e-3)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+    {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 1024, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0},
+    {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 1024},
+], ids=lambda s: s["rope_type"])
+def test_rope_scaling_keeps_fast_pairs_and_stretches_slow_ones(scaling):
+    # What the schemes promise, checked in float64 against rotations over the original length L: the slowest
+    # pair (less than one turn over L) turns factor times slower, so position factor * L looks like L did;
+    # pairs that turn over 32 times within L (they saw every angle in training) keep their speed under YaRN
+    # and llama3, the fastest one under dynamic NTK; linear slows all pairs alike.
+    dim, theta, L, factor = 32, 1e4, 1024, 4.0
+    plain = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    rotations = L * plain / (2 * math.pi)
+    # Dynamic NTK grows with the sequence: its base is scaled by factor * seq_len / L - (factor - 1), which is
+    # the factor itself at this length.
+    seq_len = int(L * (2 * factor - 1) / factor)
+    ratio = rope_inv_freq(dim, theta, scaling, seq_len).double() / plain
+    kind = scaling["rope_type"]
+    assert rotations[-1] < 1 and ratio[-1].item() == pytest.approx(1 / factor, rel=1e-5)
+    assert ratio[0].item() == pytest.approx(1 / factor if kind == "linear" else 1.0, rel=1e-5)
+    if kind in ("yarn", "llama3"):
+        fast = rotations > 32
+        assert fast.sum() >= 3 and torch.allclose(ratio[fast], torch.ones_like(ratio[fast]), rtol=1e-5, atol=0)
+    assert (ratio[1:] <= ratio[:-1] * (1 + 1e-6)).all()  # slower pairs are stretched at least as much
+    if kind == "dynamic":  # within the original length, nothing changes
+        assert torch.equal(rope_inv_freq(dim, theta, scaling, L), rope_inv_freq(dim, theta, {}))
+
+
+def test_yarn_scales_cos_and_sin_by_its_temperature():
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cos, sin = RotaryEmbedding(16, 1e4, scaling)(torch.arange(10)[None], torch.float64)
+    assert_close(cos**2 + sin**2, torch.full_like(cos, (0.1 * math.log(4.0) + 1) ** 2), rtol=1e-6, atol=0)
+    # DeepSeek's configs give mscale == mscale_all_dim: cos and sin stay unscaled, the softmax takes it (MLA).
+    cos, sin = RotaryEmbedding(16, 1e4, {**scaling, "mscale": 1.0, "mscale_all_dim": 1.0})(torch.arange(10)[None], torch.float64)
+    assert_close(cos**2 + sin**2, torch.ones_like(cos), rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -156,9 +219,10 @@ def test_attention_matches_float64_brute_force(impl):
     assert (got[0, :, 0] == 0).all()
 
 
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_changing_a_future_token_keeps_earlier_logits(impl):
-    model = make_model(attn_impl=impl)
+def test_changing_a_future_token_keeps_earlier_logits(impl, arch):
+    model = make_model(attn_impl=impl, **ARCHS[arch])
     idx = torch.randint(0, 64, (2, 12))
     changed = idx.clone()
     changed[:, 7] = (idx[:, 7] + 1) % 64
@@ -168,11 +232,13 @@ def test_changing_a_future_token_keeps_earlier_logits(impl):
     assert not torch.allclose(logits_changed[:, 7:], logits[:, 7:])
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # GQA ratios 1, 2, 4
+@pytest.mark.parametrize("arch", [dict(n_kv_head=4, qkv_bias=True), dict(n_kv_head=2, qkv_bias=True),
+                                  dict(n_kv_head=1, qkv_bias=True), ARCHS["mla"], ARCHS["mla_moe"]],
+                         ids=["gqa_ratio_1", "gqa_ratio_2", "gqa_ratio_4", "mla", "mla_moe"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_sdpa_matches_eager_logits_and_gradients(n_kv_head, padded):
-    eager = make_model(attn_impl="eager", n_kv_head=n_kv_head, qkv_bias=True)
-    sdpa = make_model(attn_impl="sdpa", n_kv_head=n_kv_head, qkv_bias=True)
+def test_sdpa_matches_eager_logits_and_gradients(arch, padded):
+    eager = make_model(attn_impl="eager", **arch)
+    sdpa = make_model(attn_impl="sdpa", **arch)
     sdpa.load_state_dict(eager.state_dict())
     _, idx, mask = left_padded_batch()
     if not padded:
@@ -190,9 +256,10 @@ def test_sdpa_matches_eager_logits_and_gradients(n_kv_head, padded):
         assert_close(grads_s[name], grads_e[name], msg=name)
 
 
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_padding_rows_output_zeros_and_gradients_stay_finite(impl):
-    model = make_model(dtype=torch.float32, attn_impl=impl)
+def test_padding_rows_output_zeros_and_gradients_stay_finite(impl, arch):
+    model = make_model(dtype=torch.float32, attn_impl=impl, **ARCHS[arch]).train()
     _, idx, mask = left_padded_batch()
     attn_outputs = []
     for block in model.layers:
@@ -208,9 +275,10 @@ def test_padding_rows_output_zeros_and_gradients_stay_finite(impl):
         assert (out[mask == 1] != 0).any()
 
 
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_left_padded_rows_match_unpadded_rows(impl):
-    model = make_model(attn_impl=impl)
+def test_left_padded_rows_match_unpadded_rows(impl, arch):
+    model = make_model(attn_impl=impl, **ARCHS[arch])
     rows, idx, mask = left_padded_batch()
     logits, _ = model(idx, attention_mask=mask)
     for b, row in enumerate(rows):
@@ -224,8 +292,10 @@ def test_left_padded_rows_match_unpadded_rows(impl):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("chunks", [[4, 1, 1, 1, 1, 1, 1], [6, 4]], ids=["token_by_token", "two_chunks"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_cached_logits_match_uncached(impl, chunks, padded):
-    model = make_model(attn_impl=impl)
+@pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe"])
+def test_cached_logits_match_uncached(impl, chunks, padded, arch):
+    # For MLA this is the absorbed path (latent cache) against the naive one (no cache).
+    model = lively_model(attn_impl=impl, **ARCHS[arch])
     _, idx, mask = left_padded_batch()
     full_mask = mask if padded else None
     expected, _ = model(idx, attention_mask=full_mask)
@@ -237,7 +307,8 @@ def test_cached_logits_match_uncached(impl, chunks, padded):
         pieces.append(logits)
         start += n
     assert cache.length == idx.size(1)
-    assert_close(torch.cat(pieces, dim=1), expected)
+    # RMSNorm normalises in float32 even in a float64 model, so the two paths agree to float32 precision.
+    assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-5, atol=1e-5)
 
 
 def greedy_with_uncached_forwards(model, idx, n_tokens, attention_mask=None):
@@ -261,8 +332,9 @@ def greedy_with_uncached_forwards(model, idx, n_tokens, attention_mask=None):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("prompt_len", [5, 20])  # block_size is 16: 20 starts beyond it
-def test_greedy_generate_matches_uncached_forwards_past_block_size(impl, prompt_len):
-    model = lively_model(attn_impl=impl)
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe"])
+def test_greedy_generate_matches_uncached_forwards_past_block_size(impl, prompt_len, arch):
+    model = lively_model(attn_impl=impl, **ARCHS[arch])
     idx = torch.randint(0, 64, (2, prompt_len))
     n_tokens = 30  # several window restarts
     got = torch.stack(list(model.generate(idx, n_tokens, temperature=0)), dim=1)
@@ -307,6 +379,154 @@ def test_sampling_keeps_exactly_the_expected_tokens(top_k, top_p, kept):
     logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log()  # ranked: token 1, 3, 0, 2
     samples = sample_next_token(logits.expand(4000, 4), temperature=1.0, top_k=top_k, top_p=top_p)
     assert set(samples.tolist()) == kept
+
+
+# ----------------------------------------------------------------------------- MLA
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 12])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_mla_absorbed_path_matches_naive_path(impl, q_lora_rank):
+    # The same attention layer on the same left-padded batch: without a cache (naive: per-head keys and values
+    # expanded from the latent) and prefilled into a fresh cache (absorbed: attention over the latents).
+    model = lively_model(attn_impl=impl, **{**MLA_TINY, "q_lora_rank": q_lora_rank})
+    _, idx, mask = left_padded_batch()
+    outputs = []
+    model.layers[1].attn.register_forward_hook(lambda module, args, out: outputs.append(out))
+    model(idx, attention_mask=mask)
+    model(idx, attention_mask=mask, kv_cache=KVCache(model.config, idx.size(0), model.config.block_size))
+    naive, absorbed = outputs
+    assert_close(absorbed, naive)
+    assert naive.abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("arch, per_layer", [("gqa", 2 * 2 * 8), ("mla", 16 + 4)])  # 2 kv heads of 8 (k and v)
+def test_kv_cache_holds_bytes_per_token(arch, per_layer):
+    model = make_model(dtype=torch.float32, **ARCHS[arch])
+    cache = KVCache(model.config, 3, 16)
+    model(torch.randint(0, 64, (3, 5)), kv_cache=cache)
+    stored = sum(t.numel() * t.element_size() for t in cache.tensors) / (3 * 16)
+    assert stored == KVCache.bytes_per_token(model.config) == 2 * per_layer * 4  # 2 layers, float32
+
+
+# ----------------------------------------------------------------------------- MoE
+
+
+def reference_route(scores, bias, k, n_group, topk_group):
+    """DeepSeek-V3's routing, one token at a time, as the paper states it: biased scores choose the groups (each
+    scored by its two best experts) and then the experts; the unbiased scores of the chosen weigh them."""
+    per_group = scores.size(1) // n_group
+    routes = []
+    for s in scores.tolist():
+        biased = [x + b for x, b in zip(s, bias.tolist())]
+        group_score = [sum(sorted(biased[g * per_group : (g + 1) * per_group])[-2:]) for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+        candidates = [e for g in groups for e in range(g * per_group, (g + 1) * per_group)]
+        chosen = sorted(candidates, key=lambda e: -biased[e])[:k]
+        routes.append({e: s[e] / sum(s[c] for c in chosen) for e in chosen})
+    return routes
+
+
+def moe_layer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = ModelConfig(**{**TINY, **MOE_TINY, "first_k_dense_replace": 0, **overrides})
+    moe = MoE(config).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    torch.nn.init.normal_(moe.gate.bias, std=0.1)
+    return moe
+
+
+@pytest.mark.parametrize("n_group, topk_group, scoring_func", [(1, 1, "sigmoid"), (4, 2, "sigmoid"), (2, 1, "softmax")])
+def test_moe_routes_and_mixes_like_a_per_token_reference(n_group, topk_group, scoring_func):
+    moe = moe_layer(n_group=n_group, topk_group=topk_group, scoring_func=scoring_func, routed_scaling_factor=2.5).train()
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    y = moe(x)
+    logits = x.view(-1, 32) @ moe.gate.weight.t()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    routes = reference_route(scores, moe.gate.bias, 2, n_group, topk_group)
+    expected_load = torch.zeros(8, dtype=torch.float64)
+    expected = []
+    for token, route in zip(x.view(-1, 32), routes):
+        for e in route:
+            expected_load[e] += 1
+        routed = sum(2.5 * w * moe.experts[e](token) for e, w in route.items())
+        expected.append(routed + moe.shared_experts(token))
+    assert torch.equal(moe.gate.load, expected_load)
+    assert_close(y.view(-1, 32), torch.stack(expected))
+
+
+def test_expert_bias_is_a_buffer_that_stays_put():
+    # The seed project re-wrapped its bias as a new Parameter in every forward, so no update ever stuck.
+    moe = moe_layer().train()
+    bias = moe.gate.bias
+    before = bias.clone()
+    assert "gate.bias" in dict(moe.named_buffers()) and "gate.bias" in moe.state_dict()
+    assert all(p is not bias for p in moe.parameters())
+    moe(torch.randn(2, 5, 32, dtype=torch.float64)).sum().backward()
+    moe.gate.update_bias(moe.gate.load)
+    moe(torch.randn(2, 5, 32, dtype=torch.float64))
+    assert moe.gate.bias is bias and bias.grad is None
+    assert_close((bias - before).abs().max(), torch.tensor(1e-3, dtype=torch.float64))  # moved by the rate
+    assert (moe.gate.load > 0).any() and moe.gate.load.sum() == 2 * 5 * 2  # counts restarted after the update
+
+
+def test_bias_update_moves_a_skewed_router_toward_balance():
+    moe = moe_layer(n_group=1, topk_group=1, bias_update_rate=0.01).train()
+    torch.nn.init.zeros_(moe.gate.bias)
+    with torch.no_grad():
+        moe.gate.weight[:2, 0] += 3.0  # experts 0 and 1 outscore the rest on every token whose x[0] is large
+    imbalance = []
+    for step in range(100):
+        x = torch.randn(4, 32, 32, dtype=torch.float64)
+        x[..., 0] += 2
+        moe(x)
+        load = moe.gate.load.clone()
+        imbalance.append((load.max() / load.mean()).item())  # 1 = perfectly even, 4 = all tokens on experts 0, 1
+        moe.gate.update_bias(load)
+    assert imbalance[0] > 3
+    assert sum(imbalance[-20:]) / 20 < 1.6
+    assert moe.gate.bias[:2].max() < moe.gate.bias[2:].min()
+
+
+def test_expert_without_tokens_gets_zero_gradients_and_no_nan():
+    model = make_model(dtype=torch.float32, **MOE_TINY, first_k_dense_replace=0).train()
+    for moe in model.moe_layers():
+        moe.gate.bias[3] = -100.0  # expert 3 is never chosen
+    idx = torch.randint(0, 64, (2, 12))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for moe in model.moe_layers():
+        assert moe.gate.load[3] == 0 and moe.gate.load.sum() == 2 * 12 * 2
+        for name, p in moe.experts[3].named_parameters():
+            assert p.grad is not None and (p.grad == 0).all(), name  # zeros, so an all-reduce has a tensor to send
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_sequence_balance_loss_matches_the_paper_and_enters_the_loss():
+    # DeepSeek-V3 eq. 17-20 for one sequence of T tokens: sum_i f_i P_i, f_i = E / (k T) * (tokens choosing i),
+    # P_i = mean over tokens of s_i / sum_j s_j.
+    model = make_model(**MOE_TINY, first_k_dense_replace=0, balance_loss_coef=0.01).train()
+    idx = torch.randint(0, 64, (3, 10))
+    routing = []
+    for moe in model.moe_layers():
+        moe.gate.register_forward_hook(lambda module, args, out: routing.append(out))
+    _, loss = model(idx, idx)
+    expected = 0.0
+    for (_, experts, scores), moe in zip(routing, model.moe_layers()):
+        per_sequence = []
+        for b in range(3):
+            chosen, s = experts.view(3, 10, 2)[b], scores.view(3, 10, 8)[b]
+            f = [8 / (2 * 10) * (chosen == i).sum().item() for i in range(8)]
+            p = [(s[:, i] / s.sum(dim=1)).mean() for i in range(8)]
+            per_sequence.append(sum(fi * pi for fi, pi in zip(f, p)))
+        assert_close(moe.balance_loss, sum(per_sequence) / 3)
+        expected = expected + moe.balance_loss
+    model.eval()
+    _, plain = model(idx, idx)
+    assert_close(loss, plain + 0.01 * expected)
 
 
 # ----------------------------------------------------------------------------- loss and training
@@ -356,6 +576,22 @@ def test_num_params_and_flops_match_hand_count(tie):
 
     matmul_weights = L * (d * H * hd + 2 * d * KV * hd + H * hd * d + 3 * d * I) + V * d  # lm_head always runs
     assert model.estimate_flops() == 6 * matmul_weights + 12 * L * H * hd * T
+
+
+def test_num_params_and_flops_of_mla_and_moe_match_hand_count():
+    V, d, L, H, I, T, E, k, M = 64, 32, 2, 4, 96, 16, 8, 2, 16
+    model = make_model(**MLA_TINY, **MOE_TINY, inter_dim=I)  # layer 0 dense, layer 1 MoE
+    q, rank, nope, rope, v = 12, 16, 8, 4, 6
+    attn = d * q + q + q * H * (nope + rope) + d * (rank + rope) + rank + rank * H * (nope + v) + H * v * d
+    expert = 3 * d * M
+    moe = E * d + E * expert + expert  # gate, 8 routed experts, 1 shared
+    total = V * d + L * (attn + 2 * d) + 3 * d * I + moe + d
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params(active=True) == total - V * d - (E - k) * expert
+
+    attn_matmuls = attn - q - rank  # without the two norm gains
+    matmuls = L * attn_matmuls + 3 * d * I + E * d + (k + 1) * expert + V * d
+    assert model.estimate_flops() == 6 * matmuls + 6 * L * H * ((nope + rope) + v) * T
 
 
 def test_tied_embeddings_share_storage():

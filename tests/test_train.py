@@ -52,8 +52,19 @@ def test_config_file_then_overrides_in_order(tmp_path):
     assert config["device"] == "cpu" and config["compile"] is True
 
 
+def test_rope_scaling_is_a_dict_from_the_command_line_or_a_file(tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    assert DEFAULTS["rope_scaling"] == {}
+    config = load_config(DEFAULTS, [f"--rope_scaling={yarn}"])
+    assert config["rope_scaling"] == yarn
+    cfg = tmp_path / "c.py"
+    cfg.write_text("rope_scaling = {'rope_type': 'linear', 'factor': 2.0}\n")
+    assert load_config(DEFAULTS, [f"--rope_scaling={yarn}", str(cfg)])["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--learing_rate=1e-3"], "unknown config key 'learing_rate'"),
+    (["--rope_scaling=yarn"], "config key 'rope_scaling' must be dict"),
     (["--n_layer=2.5"], "config key 'n_layer' must be int"),
     (["--compile=1"], "config key 'compile' must be bool"),
     (["--n_layer"], "must look like --key=value"),
@@ -68,6 +79,8 @@ def test_bad_config_is_one_clear_error(args, message):
 def test_impossible_model_shape_is_a_clear_error(prepared_data):
     result = run([f"--data_dir={prepared_data}", "--n_embd=100", "--n_head=3"], check=False)
     assert result.returncode == 1 and "n_embd (100) must be divisible by n_head (3)" in result.stderr
+    result = run([f"--data_dir={prepared_data}", "--rope_scaling={'rope_type': 'yarn', 'factor': 2.0}"], check=False)
+    assert result.returncode == 1 and "needs the keys ['original_max_position_embeddings']" in result.stderr
 
 
 def test_missing_data_and_missing_checkpoint_are_clear_errors(tmp_path, prepared_data):
@@ -105,6 +118,27 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, prepared_dat
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     assert all(abs(one[i] - two[i]) < 1e-6 for i in one)
+
+
+def test_two_processes_match_one_with_mla_and_experts(tmp_path, prepared_data):
+    # The expert biases move after every step from token counts summed over the ranks, so they (and with them
+    # the routing of the next step) must come out the same as in one process. The balance loss is on too.
+    moe = ["--attn=mla", "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=4", "--v_head_dim=8",
+           "--n_routed_experts=4", "--num_experts_per_tok=2", "--n_group=2", "--topk_group=1", "--moe_inter_dim=16",
+           "--bias_update_rate=0.01", "--balance_loss_coef=0.01"]
+    common = [*TINY, *moe, f"--data_dir={prepared_data}", "--max_iters=4", "--eval_interval=4",
+              "--gradient_accumulation_steps=4", "--grad_clip=0.5"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    run([*common, f"--out_dir={tmp_path}/two"], launcher=torchrun)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert_same_weights(one, two, tol=1e-6)
+    steps = one["layers.1.ffn.gate.bias"] / 0.01  # each update moves a bias by -1, 0 or +1 times the rate
+    assert steps.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4
+    with open(tmp_path / "two" / "metrics.jsonl") as f:
+        loads = [r["expert_load_max_over_mean"] for r in map(json.loads, f) if "loss" in r]
+    assert len(loads) == 4 and all(len(layers) == 1 and layers[0] >= 1.0 for layers in loads)
+    assert step_losses(tmp_path / "one") == pytest.approx(step_losses(tmp_path / "two"), abs=1e-6)
 
 
 def test_resume_replays_the_straight_run_exactly(tmp_path, prepared_data):
