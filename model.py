@@ -22,6 +22,7 @@ serve all three, so a padded or cached row computes exactly what it computes alo
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head reuses wte's matrix: fewer parameters, as in GPT-2 and small Qwen2
     qkv_bias: bool = False  # Qwen2 puts biases on q, k, v (only)
     dropout: float = 0.0
-    attn_impl: str = "sdpa"  # "sdpa" (PyTorch's fused kernels) or "eager" (the readable reference)
+    # "auto" (flash on a CUDA GPU, else sdpa), "flash" (our Triton kernels, kernels/), "sdpa" (PyTorch's fused
+    # kernels) or "eager" (the readable reference)
+    attn_impl: str = "auto"
     # Attention: "gqa" (n_kv_head key/value heads; n_kv_head = n_head is plain multi-head attention) or "mla",
     # DeepSeek-V2/V3's multi-head latent attention, with the names of DeepSeek-V3's config (n_kv_head is unused).
     attn: str = "gqa"
@@ -81,8 +84,8 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
+        if self.attn_impl not in ("auto", "flash", "sdpa", "eager"):
+            raise ValueError(f"attn_impl must be 'auto', 'flash', 'sdpa' or 'eager', got {self.attn_impl!r}")
         if self.attn == "gqa":
             if self.n_embd % self.n_head:
                 raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -299,6 +302,20 @@ def eager_attention(q, k, v, allowed, dropout_p, scale):
     return probs @ v  # (B, n_head, T, d_v)
 
 
+def resolve_attn_impl(name):
+    """The backend a model built here runs: "auto" is our flash kernel on a CUDA GPU and sdpa elsewhere; "flash"
+    where Triton cannot run (a CPU without TRITON_INTERPRET=1, its interpreter) falls back to sdpa, saying so once."""
+    if name == "auto":
+        name = "flash" if torch.cuda.is_available() else "sdpa"
+    if name == "flash":
+        import kernels  # only when asked for: importing Triton takes seconds
+
+        if not kernels.available():
+            warnings.warn("attn_impl='flash' needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU); using sdpa instead")
+            return "sdpa"
+    return name
+
+
 def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
     """q (B, n_head, T, d_qk) attends over k (B, n_kv_head, S, d_qk), v (B, n_kv_head, S, d_v) -> (B, n_head, T, d_v).
 
@@ -308,6 +325,14 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
     (Vaswani et al. 2017).
     """
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if impl == "flash":
+        # Our kernel computes plain causal self-attention, the training case. Padding masks, a KV cache (keys
+        # beyond the queries), attention dropout and head dims past 256 (MLA's absorbed latent) go to sdpa.
+        if mask is None and q.size(2) == k.size(2) and dropout_p == 0.0 and max(q.size(-1), v.size(-1)) <= 256:
+            from kernels import flash_attention
+
+            return flash_attention(q, k, v, causal=True, softmax_scale=scale)
+        impl = "sdpa"
     if mask is None and impl == "sdpa":
         # No mask tensor at all: lets PyTorch pick its fastest kernel. (is_causal aligns the first query with the
         # first key, so it is right for T == S; a single query needs no mask.)
@@ -330,7 +355,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id  # which slot of the KV cache is ours
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.attn_impl, self.dropout = config.attn_impl, config.dropout
+        self.attn_impl, self.dropout = resolve_attn_impl(config.attn_impl), config.dropout
         self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.qkv_bias)
         self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
@@ -366,7 +391,7 @@ class MLA(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.layer_id = layer_id
-        self.attn_impl, self.dropout = config.attn_impl, config.dropout
+        self.attn_impl, self.dropout = resolve_attn_impl(config.attn_impl), config.dropout
         self.n_head, self.rank, self.q_lora_rank = config.n_head, config.kv_lora_rank, config.q_lora_rank
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         qk_dim = self.nope + self.rope

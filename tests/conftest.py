@@ -8,8 +8,14 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 import prepare_data
+
+# Without a GPU, kernels/ runs in Triton's CPU interpreter. Triton reads this when kernels is imported (and
+# again at each launch), so it is set here, before any test module imports the model or the kernels.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 # A few standard-library modules: real Python source that every Python install carries.

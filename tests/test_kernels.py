@@ -1,6 +1,6 @@
 """Tests of kernels/: flash attention's output and gradients against float64 math attention.
 
-Without a GPU the kernels run in Triton's CPU interpreter. TRITON_INTERPRET must be set before kernels is
+Without a GPU the kernels run in Triton's CPU interpreter. conftest.py sets TRITON_INTERPRET before kernels is
 imported (@triton.jit reads it when a kernel is defined) and stay set (Triton reads it again at launch).
 The interpreter computes bf16 wrongly (triton-lang/triton#11584), so bf16 is checked on a GPU by
 bench/attention.py; here fp32 and fp16. Shapes are tiny: the interpreter runs programs one by one.
@@ -12,9 +12,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-from kernels import flash_attention  # noqa: E402
+from kernels import flash_attention  # TRITON_INTERPRET is set by conftest.py when there is no GPU
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Largest error allowed, relative to the largest entry of the float64 result (at least 1: with one visible
