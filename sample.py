@@ -18,6 +18,7 @@ import torch
 
 from model import KVCache, ModelConfig, Transformer
 from tokenizer import EOS_ID, Tokenizer
+from train import load_checkpoint
 
 
 def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
@@ -26,11 +27,7 @@ def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
     for path in (ckpt_path, tokenizer_path):
         if not os.path.isfile(path):
             raise SystemExit(f"{path} not found: --ckpt must be an out_dir written by train.py")
-    try:
-        # weights_only: a checkpoint is data; unpickling arbitrary objects from a file would run code.
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as e:  # a torn or foreign file: say so in one line
-        raise SystemExit(f"cannot read {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    checkpoint = load_checkpoint(ckpt_path, device)
     try:
         model = Transformer(ModelConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])

@@ -145,6 +145,15 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: str, device: str) -> dict:
+    """The checkpoint at path, or one clear sentence if it is torn or not a checkpoint. weights_only: a
+    checkpoint is data, and unpickling arbitrary objects from a file would run code."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
 def peak_flops(device_type: str, ptdtype: torch.dtype) -> float | None:
     """Dense bf16 tensor-core peak of the GPU, for MFU (model FLOPs utilisation, PaLM appendix B).
     Unknown devices (and the CPU) report no MFU rather than a made-up one."""
@@ -233,10 +242,7 @@ def main(argv: list[str]) -> None:
     if c["init_from"] == "resume":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
-        try:
-            checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as e:  # a torn or foreign file: say so in one line
-            raise SystemExit(f"cannot read {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        checkpoint = load_checkpoint(ckpt_path, device)
         if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
             raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
         saved = asdict(ModelConfig(**checkpoint["model_config"]))  # a field added since then has its default
