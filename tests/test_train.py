@@ -152,11 +152,13 @@ def test_resume_replays_the_straight_run_exactly(tmp_path, prepared_data):
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"), tol=0)
 
 
-def test_resume_refuses_a_different_model_shape(tmp_path, prepared_data):
+def test_resume_refuses_a_different_model_shape_but_not_another_attention_backend(tmp_path, prepared_data):
     common = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--eval_interval=2"]
-    run([*common, "--max_iters=2"])
+    run([*common, "--max_iters=2", "--attn_impl=sdpa"])
     result = run([*common, "--max_iters=4", "--init_from=resume", "--n_layer=3"], check=False)
     assert result.returncode == 1 and "n_layer=3 here but 2 in" in result.stderr
+    run([*common, "--max_iters=4", "--init_from=resume", "--attn_impl=eager"])
+    assert max(step_losses(tmp_path / "out")) == 4
 
 
 def test_metrics_log_has_the_promised_fields(tmp_path, prepared_data):
