@@ -1,31 +1,38 @@
-"""Turn raw text into the token files train.py reads: train.bin, val.bin, meta.json, tokenizer.model.
+"""Turn a raw corpus into the files train.py reads: train.bin, val.bin, their document indexes,
+meta.json and tokenizer.model.
 
-Run:  python prepare_data.py                                 # Python's own standard library, offline
-      python prepare_data.py --input pretrain_hq.jsonl       # one JSON object with "text" per line
-      python prepare_data.py --input head.txt --val_input tail.txt --out data/book
+Run:  python prepare_data.py                                  # Python's own standard library, offline
+      python prepare_data.py --input pretrain_hq.jsonl        # one JSON object with "text" per line
+      python prepare_data.py --input 'fineweb/*.parquet' --out data/fineweb --resume
 
-The one idea: no step holds the corpus in memory. The first pass records only where each document
-lies on disk (file, byte offset, length: 48 bytes with its hash); deduplication and the train/val
-split work on those records; tokenizer processes re-read the documents by location, and the parent
-appends their ids to the output as they arrive. A .bin file is a flat array of token ids (dtype in
-meta.json), each document followed by </s>, meant for np.memmap. A finished output folder is only
-ever replaced by another finished one.
+The one idea: the corpus is cut into shards of a few MB that worker processes read on their own, in
+two passes. The first turns every document into a few numbers: a hash of its text (exact
+duplicates), a MinHash signature (near-duplicates) and the quality filters' verdict. From those
+numbers (and a second look at the texts whose hashes repeat) the parent decides which documents
+stay and which go to validation; the second pass re-reads each shard and tokenizes what stays. Each pass writes one file per shard into out/work/,
+renamed into place when complete, so memory does not grow with the corpus (only the dedup index
+does), the output does not depend on the number of workers or on which shard finishes first, and
+--resume skips the shards a killed run had finished. A .bin file is a flat array of token ids (dtype
+in meta.json), each document followed by </s>, meant for np.memmap; <split>_doc_index.npy holds the
+offset where each of its documents starts. A finished output folder is only replaced by another.
 """
 import argparse
 import glob
+import gzip
 import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
 import time
-from array import array
+import unicodedata
+import zlib
 from collections import Counter
-from itertools import chain
+from functools import cache
 from multiprocessing import get_context
-from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
@@ -38,43 +45,41 @@ from tokenizer import (EOS_ID, MAX_TRAIN_BYTES, Tokenizer, check_vocab_size, lin
 # (own hash, own </s>). It bounds the memory and the size of a unit of work however long a file is;
 # the cost is one artificial document boundary per ~300k tokens.
 CHUNK_BYTES = 1 << 20
-BATCH_BYTES = 1 << 20  # text per tokenizer task: large enough to amortise the inter-process hop
+# Text per MinHash or tokenizer call inside a worker: MinHash's temporaries (~50 bytes per character)
+# then stay in the CPU caches, which makes it several times faster than on one big batch.
+BATCH_BYTES = 1 << 18
 MAX_WARNINGS = 20
-# One record per document: its text is file[offset:offset + length] for a text file, and the UTF-8
-# of the "text" field of the JSON line at file[offset:offset + length] for .jsonl; either way cut to
-# [start:end] when the document is a chunk of a longer one.
-LOCATION = np.dtype([(name, np.uint64) for name in ("file", "offset", "length", "start", "end", "hash")])
-
-
-def document_hash(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-class Skips:
-    """Counts what was skipped by reason; prints the first MAX_WARNINGS warnings, one line each."""
-
-    def __init__(self):
-        self.counts, self.warnings = Counter(), 0
-
-    def add(self, reason: str, warning: str | None = None):
-        self.counts[reason] += 1
-        if warning:
-            self.warnings += 1
-            if self.warnings <= MAX_WARNINGS:
-                tqdm.write(f"warning: {warning}", file=sys.stderr)  # on its own line, not after a bar
-
-    def print_unshown(self):
-        if self.warnings > MAX_WARNINGS:
-            print(f"warning: {self.warnings - MAX_WARNINGS} more warnings not shown "
-                  f"(skipped: {dict(self.counts)})", file=sys.stderr)
+REPORT_PAIRS = 100  # removed/kept pairs that --dedup_report shows
+PAIRS_PER_READ = 1 << 16  # candidate pairs verified at a time: bounds the signature rows in memory
+VERIFY_BYTES = 1 << 28  # text of documents with a shared hash compared at a time: bounds that step's memory
+FOLDER_FILES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+FILTERS = ("min_chars", "max_symbol_fraction", "scripts", "max_repeated_lines")
+EMPTY = np.uint32(0xFFFFFFFF)  # a MinHash bin that no shingle fell into
+PRIME = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it mod 2**64 loses nothing
+POWERS = np.cumprod(np.r_[np.uint64(1), np.full(63, PRIME)])  # PRIME**i mod 2**64, i < 64
+SPACE = np.zeros(0x110000, bool)
+SPACE[[c for c in range(0x3001) if chr(c).isspace()]] = True  # U+3000 is the last space in Unicode
 
 
 def fail(message: str):
     raise SystemExit(f"prepare_data.py: error: {message}")
 
 
+# ---- reading the inputs -------------------------------------------------------------------------
+
+def input_format(path: str) -> str:
+    """'parquet', 'jsonl' (also .jsonl.gz and .jsonl.zst) or 'text' (any other file is one document)."""
+    if path.endswith(".parquet"):
+        return "parquet"
+    if path.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        return "jsonl"
+    if path.endswith((".gz", ".zst")):
+        fail(f"{path}: only JSONL is read compressed (.jsonl.gz, .jsonl.zst)")
+    return "text"
+
+
 def resolve_inputs(specs: list[str]) -> list[str]:
-    """Files named by specs: a file as is, a folder's .txt and .jsonl files (recursively), a glob."""
+    """Files named by specs: a file as is, a folder's corpus files (recursively), a glob pattern."""
     files = []
     for spec in specs:
         matches = [spec] if os.path.exists(spec) else sorted(glob.glob(spec, recursive=True))
@@ -84,12 +89,14 @@ def resolve_inputs(specs: list[str]) -> list[str]:
         for match in matches:
             if os.path.isdir(match):
                 found = sorted(str(p) for p in Path(match).rglob("*")
-                               if p.suffix in (".txt", ".jsonl") and p.is_file())
+                               if p.name.endswith(FOLDER_FILES) and p.is_file())
                 if not found:
-                    fail(f"folder {match} holds no .txt or .jsonl files")
+                    fail(f"folder {match} holds no .txt, .jsonl (.gz, .zst) or .parquet files")
                 files += found
             else:
                 files.append(match)
+    for path in files:
+        input_format(path)
     return files
 
 
@@ -100,8 +107,83 @@ def stdlib_sources() -> list[str]:
                   if {"site-packages", "dist-packages"}.isdisjoint(p.relative_to(root).parts))
 
 
-def jsonl_text(line: bytes) -> bytes:
-    """UTF-8 of a JSONL line's "text" field; a ValueError says what is wrong with the line."""
+def open_parquet(path: str, field: str):
+    """A pyarrow ParquetFile, after checking that it has a string column named field."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        fail(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        fail(f"{path} is not a readable Parquet file: {e}")
+    schema = parquet.schema_arrow
+    if field not in schema.names or not (pa.types.is_string(schema.field(field).type)
+                                         or pa.types.is_large_string(schema.field(field).type)):
+        fail(f'{path} has no string column "{field}" (its columns: {", ".join(schema.names)}); '
+             "name the text column with --text_field")
+    return parquet
+
+
+def zstd_blocks(path: str):
+    """Decompressed blocks of a .zst file, frame after frame. The zstandard package's own stream
+    reader ends quietly where a file is cut short; here that is an EOFError, as gzip raises."""
+    import zstandard
+    frame = None
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+        while data:
+            frame = frame or zstandard.ZstdDecompressor().decompressobj()
+            try:
+                block = frame.decompress(data)
+            except zstandard.ZstdError as e:
+                raise OSError(str(e)) from None
+            yield block
+            if frame.eof:  # a frame ended; what follows it starts the next one
+                frame, data = None, frame.unused_data
+            data = data or f.read(1 << 20)
+    if frame:
+        raise EOFError("compressed data ends in the middle of a frame")
+
+
+def jsonl_lines(path: str, start: int, end: int | None):
+    """The lines of a JSONL file from byte start to end (a compressed file is read whole)."""
+    if path.endswith(".zst"):
+        rest = b""
+        for block in zstd_blocks(path):
+            *lines, rest = (rest + block).split(b"\n")
+            yield from lines
+        if rest:
+            yield rest
+    elif path.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            yield from f
+    else:
+        with open(path, "rb") as f:
+            f.seek(start)
+            while start < end and (line := f.readline()):
+                start += len(line)
+                yield line
+
+
+class Log:
+    """What reading one shard skipped, by reason; its first warnings; the lines of each piece read."""
+
+    def __init__(self):
+        self.counts, self.warnings, self.n_warnings, self.piece_lines = Counter(), [], 0, []
+
+    def skip(self, reason: str, line: int | None = None, message: str | None = None):
+        """Count a skip; a message is a warning about line (None: about the whole file) of this piece."""
+        self.counts[reason] += 1
+        if message:
+            self.n_warnings += 1
+            if len(self.warnings) < MAX_WARNINGS:
+                self.warnings.append((len(self.piece_lines), line, message))
+
+
+def record_text(line: bytes, field: str) -> bytes:
+    """UTF-8 of a JSONL line's text field; a ValueError says what is wrong with the line."""
     try:
         record = json.loads(line)
     except UnicodeDecodeError:
@@ -110,101 +192,488 @@ def jsonl_text(line: bytes) -> bytes:
         raise ValueError("not valid JSON") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
-    if not isinstance(record.get("text"), str):
-        raise ValueError('no string "text" field')
+    if not isinstance(record.get(field), str):
+        raise ValueError(f'no string "{field}" field')
     try:
-        return record["text"].encode()
+        return record[field].encode()
     except UnicodeEncodeError:
-        raise ValueError('"text" holds an unpaired surrogate escape') from None
+        raise ValueError(f'"{field}" holds an unpaired surrogate escape') from None
 
 
-def text_file_documents(f, path: str, skips: Skips, chunk_bytes: int) -> list[tuple]:
-    """(offset, length, start, end, hash) of the chunks of one text file; none if it is not UTF-8."""
-    chunks, lines = [], 0
-    for offset, data in line_chunks(f, chunk_bytes):
-        try:
-            data.decode()
-        except UnicodeDecodeError as e:
-            line = lines + data.count(b"\n", 0, e.start) + 1
-            skips.add("non-UTF-8 files", f"{path}: not UTF-8 at line {line}, file skipped")
-            return []
-        lines += data.count(b"\n")
-        chunks.append((offset, len(data), 0, len(data), document_hash(data)))
-    if not chunks:
-        skips.add("empty documents")
-    return chunks
+def document_chunks(line: int, data: bytes, log: Log):
+    """(line, text) of a document, or of each of its chunks if it is longer than CHUNK_BYTES."""
+    if not data:
+        log.skip("empty documents")
+    elif len(data) <= CHUNK_BYTES:
+        yield line, data
+    else:
+        for _, chunk in line_chunks(io.BytesIO(data), CHUNK_BYTES):
+            yield line, chunk
 
 
-def jsonl_documents(f, path: str, skips: Skips, chunk_bytes: int):
-    """(offset, length, start, end, hash) of each JSON line's text, or of its chunks if long."""
-    offset = 0
-    for lineno, line in enumerate(f, 1):
-        line_offset, offset = offset, offset + len(line)
-        if not line.strip():
-            continue
-        try:
-            text = jsonl_text(line)
-        except ValueError as e:
-            skips.add("malformed JSONL lines", f"{path}:{lineno}: {e}, line skipped")
-            continue
-        if not text:
-            skips.add("empty documents")
-            continue
-        for start, data in line_chunks(io.BytesIO(text), chunk_bytes):
-            yield line_offset, len(line), start, start + len(data), document_hash(data)
+def jsonl_documents(path: str, start: int, end: int | None, field: str, log: Log):
+    lineno = 0
+    try:
+        for lineno, line in enumerate(jsonl_lines(path, start, end), 1):
+            if not line.strip():
+                continue
+            try:
+                data = record_text(line, field)
+            except ValueError as e:
+                log.skip("malformed JSONL lines", lineno, f"{e}, line skipped")
+                continue
+            yield from document_chunks(lineno, data, log)
+    except (OSError, EOFError, zlib.error) as e:
+        log.skip("unreadable files", lineno + 1, f"cannot decompress ({e}): the file is cut short or "
+                 "corrupt; rest of file skipped")
+    log.piece_lines.append(lineno)
 
 
-def scan_corpus(paths: list[str], skips: Skips, chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray, int]:
-    """Locate every document of the files, in order: (LOCATION records, bytes read)."""
-    table = array("Q")  # LOCATION records back to back: compact, and grows without copying Python objects
-    sizes = [os.path.getsize(path) for path in paths]
-    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="read and hash") as bar:
-        for index, path in enumerate(paths):
-            documents = jsonl_documents if path.endswith(".jsonl") else text_file_documents
-            done = bar.n
-            with open(path, "rb") as f:
-                for record in documents(f, path, skips, chunk_bytes):
-                    table.extend((index, *record))
-                    bar.update(done + f.tell() - bar.n)
-            bar.update(done + sizes[index] - bar.n)
-    skips.print_unshown()
-    return np.frombuffer(table, LOCATION), sum(sizes)
+def parquet_documents(path: str, first: int, end: int, field: str, log: Log):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, row_groups=range(first, end), columns=[field]):
+            for data in batch.column(0).cast(pa.large_binary()).to_pylist():  # bytes: Arrow strings are UTF-8
+                row += 1
+                if data is None:
+                    log.skip("malformed Parquet rows", row, f'no "{field}" value, row skipped')
+                else:
+                    yield from document_chunks(row, data, log)
+    except (OSError, pa.ArrowException) as e:
+        log.skip("unreadable files", row + 1, f"cannot read ({e}): the file is corrupt; rest of row group skipped")
+    log.piece_lines.append(row)
 
 
-def read_documents(paths: list[str], locations: np.ndarray):
-    """Yield the UTF-8 bytes of each located document, re-read from disk."""
-    f, current = None, None
-    for file, offset, length, start, end, _ in locations.tolist():
-        if file != current:
-            if f:
-                f.close()
-            f, current = open(paths[file], "rb"), file
-        f.seek(offset)
-        data = f.read(length)
-        yield (jsonl_text(data) if paths[file].endswith(".jsonl") else data)[start:end]
-    if f:
-        f.close()
+def text_documents(path: str, log: Log):
+    """A text file is one document (in chunks at line boundaries); one that is not UTF-8 is skipped."""
+    with open(path, "rb") as f:
+        lines = 0
+        for _, data in line_chunks(f, CHUNK_BYTES):  # check all of it before yielding any of it
+            try:
+                data.decode()
+            except UnicodeDecodeError as e:
+                line = lines + data.count(b"\n", 0, e.start) + 1
+                log.skip("non-UTF-8 files", None, f"not UTF-8 at line {line}, file skipped")
+                break
+            lines += data.count(b"\n")
+        else:
+            if f.tell() == 0:
+                log.skip("empty documents")
+            f.seek(0)
+            line = 1
+            for _, data in line_chunks(f, CHUNK_BYTES):
+                yield line, data
+                line += data.count(b"\n")
+    log.piece_lines.append(lines)
 
 
-def find_duplicates(paths: list[str], locations: np.ndarray) -> np.ndarray:
-    """True for each document whose exact text came earlier in the corpus.
+def plan_shards(paths: list[str], shard_bytes: int, field: str) -> tuple[list[list[tuple]], list[int]]:
+    """Cut the corpus into shards of about shard_bytes: (file, start, end) pieces and their bytes.
 
-    Equal hashes are only a hint: the texts are re-read and compared, so a hash collision can never
-    drop a distinct document, and no text is kept in memory meanwhile.
+    Small files are grouped in order; a big JSONL file is cut at line starts and a Parquet file at
+    row groups; a compressed file is one piece, since it can only be read from its start.
     """
-    order = np.argsort(locations["hash"], kind="stable")  # equal hashes side by side, in corpus order
-    hashes = locations["hash"][order]
-    starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
-    ends = np.r_[starts[1:], len(hashes)]
-    duplicate = np.zeros(len(locations), dtype=bool)
-    for group in (order[s:e] for s, e in zip(starts, ends) if e - s > 1):
-        distinct = []  # first occurrences among this group's texts
-        for i, text in zip(group, read_documents(paths, locations[group])):
-            if any(text == seen for seen in read_documents(paths, locations[distinct])):
-                duplicate[i] = True
+    pieces = []
+    for file, path in enumerate(paths):
+        size = os.path.getsize(path)
+        if input_format(path) == "parquet":
+            meta = open_parquet(path, field).metadata
+            pieces += [(file, g, g + 1, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
+        elif path.endswith(".jsonl"):
+            cuts = [0]
+            with open(path, "rb") as f:
+                while cuts[-1] + shard_bytes < size:
+                    f.seek(cuts[-1] + shard_bytes - 1)
+                    f.readline()  # to the start of the first line at least shard_bytes after the last cut
+                    if f.tell() >= size:
+                        break
+                    cuts.append(f.tell())
+            cuts.append(size)
+            pieces += [(file, a, b, b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+        else:
+            if path.endswith(".zst"):
+                try:
+                    import zstandard  # noqa: F401
+                except ImportError:
+                    fail(f"{path}: reading .zst needs the zstandard package (pip install zstandard)")
+            pieces.append((file, 0, None, size))
+    shards, sizes = [[]], [0]
+    for *piece, size in pieces:
+        if sizes[-1] >= shard_bytes:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append(tuple(piece))
+        sizes[-1] += size
+    return (shards, sizes) if shards[0] else ([], [])
+
+
+# ---- what the first pass computes for each document -----------------------------------------------
+
+@cache
+def char_hashes() -> np.ndarray:
+    """A random 64-bit number for every code point; the fixed seed makes it the same everywhere."""
+    return np.random.default_rng(20261128).integers(0, 2**64, 0x110000, dtype=np.uint64, endpoint=False)
+
+
+@cache
+def char_classes() -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per code point: 1 for a symbol, and a letter's script id (0: not a letter); the script ids.
+
+    Symbols are Unicode's categories S and C: math, currency, emoji, box drawing, control and
+    unassigned code points (tab and newline excepted). Python has no script property, so a letter's
+    script is the first word of its Unicode name: latin, cjk, cyrillic, arabic, hangul, hiragana...
+    """
+    symbol, script, names = np.zeros(0x110000, np.uint8), np.zeros(0x110000, np.uint16), {}
+    for c in range(0x110000):
+        category = unicodedata.category(chr(c))
+        if category[0] in "SC" and chr(c) not in "\t\n\r":
+            symbol[c] = 1
+        elif category[0] == "L":
+            script[c] = names.setdefault(unicodedata.name(chr(c), "unnamed").split()[0].lower(), len(names) + 1)
+    return symbol, script, names
+
+
+def repeated_line_fraction(text: str) -> float:
+    """Share of the non-blank lines that repeat an earlier line: menus, boilerplate, spam (Gopher's
+    duplicate-line filter, Rae et al. 2021)."""
+    lines = [line for line in map(str.strip, text.split("\n")) if line]
+    return 1 - len(set(lines)) / len(lines) if lines else 0.0
+
+
+def quality_verdicts(texts: list[str], args) -> np.ndarray:
+    """Per text: 0 if it passes every quality filter that is on, else 1 + the first it fails."""
+    failed = np.zeros((len(FILTERS), len(texts)), bool)
+    lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    failed[0] = lengths < args.min_chars
+    if args.max_symbol_fraction < 1 or args.scripts:
+        chars = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32)
+        starts = np.cumsum(lengths) - lengths  # texts are never empty, so reduceat sums each one
+        symbol, script, names = char_classes()
+        symbols = np.add.reduceat(symbol[chars], starts, dtype=np.int64)
+        failed[1] = symbols > args.max_symbol_fraction * lengths
+        if args.scripts:
+            scripts = script[chars]
+            letters = np.add.reduceat(scripts > 0, starts, dtype=np.int64)
+            wanted = np.add.reduceat(np.isin(scripts, [names[s] for s in args.scripts]), starts, dtype=np.int64)
+            failed[2] = wanted < args.min_script_fraction * letters  # text without letters passes
+    if args.max_repeated_lines < 1:
+        failed[3] = [repeated_line_fraction(t) > args.max_repeated_lines for t in texts]
+    return np.where(failed.any(0), failed.argmax(0) + 1, 0).astype(np.uint8)
+
+
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place: every input bit moves every output bit."""
+    x ^= x >> 30
+    x *= 0xBF58476D1CE4E5B9
+    x ^= x >> 27
+    x *= 0x94D049BB133111EB
+    x ^= x >> 31
+    return x
+
+
+def unit_hashes(texts: list[str], shingle: str) -> tuple[np.ndarray, np.ndarray]:
+    """A 64-bit hash per unit (character, or word: a run of non-space characters) of the texts back
+    to back, and the number of units in each text."""
+    chars = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32)
+    lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    hashes = char_hashes()[chars]
+    if shingle == "char":
+        return hashes, lengths
+    ends = np.cumsum(lengths)
+    inside = np.flatnonzero(~SPACE[chars])  # (characters that belong to a word,)
+    first = np.ones(len(inside), bool)  # does this character start a word?
+    first[1:] = (inside[1:] != inside[:-1] + 1) | np.isin(inside[1:], ends)
+    starts = np.flatnonzero(first)
+    if len(starts) == 0:
+        return np.zeros(0, np.uint64), np.zeros(len(texts), np.int64)
+    place = np.arange(len(inside)) - np.repeat(starts, np.diff(np.r_[starts, len(inside)]))
+    # Weighting each character by PRIME**place makes the word hash depend on the order of its letters.
+    words = np.add.reduceat(hashes[inside] * POWERS[np.minimum(place, 63)], starts)
+    text_of_word = np.searchsorted(ends, inside[starts], side="right")
+    return words, np.bincount(text_of_word, minlength=len(texts))
+
+
+def minhash(units: np.ndarray, counts: np.ndarray, ngram: int, num_perm: int) -> np.ndarray:
+    """MinHash signatures (len(counts), num_perm) of the texts' sets of n-unit shingles.
+
+    One permutation hashing (Li, Owen & Zhang, 2012): each shingle is hashed once, the hash picks one
+    of num_perm bins, and each bin keeps the smallest hash that falls into it. Two texts agree in a
+    bin that either fills with probability equal to their Jaccard similarity, as with num_perm
+    independent permutations, at one hash per shingle instead of num_perm. Empty bins stay EMPTY.
+    """
+    signature = np.full((len(counts), num_perm), EMPTY)
+    n = len(units) - ngram + 1
+    if n <= 0:
+        return signature
+    h = units[:n].copy()  # (n,) shingle i = units i .. i + ngram - 1, hashed as a polynomial
+    for j in range(1, ngram):
+        h *= PRIME
+        h += units[j:j + n]
+    mix(h)
+    values = (h >> 32).astype(np.uint32)  # the high half is the value...
+    cut = (np.cumsum(counts)[:-1, None] - np.arange(1, ngram)).ravel()
+    values[cut[(cut >= 0) & (cut < n)]] = EMPTY  # (a shingle that runs into the next text adds nothing)
+    h &= 0xFFFFFFFF  # ...the low half picks the bin: low * num_perm / 2**32
+    h *= num_perm
+    h >>= 32
+    bins = h.view(np.int64)
+    bins += np.repeat(np.arange(0, len(counts) * num_perm, num_perm), counts)[:n]  # into the text's row
+    np.minimum.at(signature.reshape(-1), bins, values)
+    return signature
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows): the most rows per band (fewest chance candidates) that still make a pair at
+    exactly the threshold a candidate with probability >= 0.95, i.e. 1 - (1 - t**rows)**bands
+    (Leskovec, Rajaraman & Ullman, Mining of Massive Datasets, ch. 3). 0.8 and 128: 18 bands of 7."""
+    for rows in range(num_perm, 1, -1):
+        if 1 - (1 - threshold**rows) ** (num_perm // rows) >= 0.95:
+            return num_perm // rows, rows
+    return num_perm, 1
+
+
+def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint32: one hash per band of rows signature values. 32 bits halve the dedup index;
+    the price is a chance collision per band per ~2**32 / n documents, which verification then rejects."""
+    values = signature[:, :bands * rows].reshape(len(signature), bands, rows).astype(np.uint64)
+    key = values[:, :, 0].copy()
+    for j in range(1, rows):
+        key *= PRIME
+        key += values[:, :, j]
+    return (mix(key) >> 32).astype(np.uint32)
+
+
+# ---- the workers' tasks: one shard each -----------------------------------------------------------
+
+worker = {}  # per process: the paths, the shard plan, the arguments; the tokenizer once loaded
+
+
+def init_worker(job: dict):
+    worker.update(job)
+
+
+def shard_documents(k: int, log: Log):
+    """(piece, line, UTF-8 text) of every document of shard k, in corpus order."""
+    for piece, (file, start, end) in enumerate(worker["shards"][k]):
+        path = worker["paths"][file]
+        kind = input_format(path)
+        if kind == "parquet":
+            documents = parquet_documents(path, start, end, worker["args"].text_field, log)
+        elif kind == "jsonl":
+            documents = jsonl_documents(path, start, end, worker["args"].text_field, log)
+        else:
+            documents = text_documents(path, log)
+        for line, data in documents:
+            yield piece, line, data
+
+
+def batched(items, limit: int = BATCH_BYTES):
+    """Lists of consecutive items whose last elements (texts) add up to about limit bytes."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[-1])
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def save_npz(path: Path, **arrays):
+    """Write to a temporary name, then rename: a file under the real name is always complete."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def scan_shard(job: tuple) -> int:
+    """First pass over shard k: each document's exact hash, byte length, quality verdict and LSH
+    band keys into scan/k.npz, its MinHash signature into scan/k.sig. Returns k."""
+    k, = job
+    args, folder, log = worker["args"], Path(worker["work"]) / "scan", Log()
+    bands = lsh_bands(args.dedup_threshold, args.num_perm) if args.near_dedup else (0, 0)
+    parts = {"hash": [np.zeros((0, 2), np.uint64)], "length": [np.zeros(0, np.uint32)],
+             "verdict": [np.zeros(0, np.uint8)], "bands": [np.zeros((0, bands[0]), np.uint32)]}
+    piece_docs = Counter()
+    sig_tmp = folder / f"{k:06d}.sig.{os.getpid()}.tmp"
+    with open(sig_tmp, "wb") as sig_file:
+        for batch in batched(shard_documents(k, log)):
+            piece_docs.update(piece for piece, _, _ in batch)
+            data = [d for _, _, d in batch]
+            texts = [d.decode() for d in data]
+            digests = b"".join(hashlib.blake2b(d, digest_size=16).digest() for d in data)
+            parts["hash"].append(np.frombuffer(digests, np.uint64).reshape(-1, 2))
+            parts["length"].append(np.fromiter(map(len, data), np.uint32, len(data)))
+            parts["verdict"].append(quality_verdicts(texts, args))
+            if args.near_dedup:
+                signature = minhash(*unit_hashes(texts, args.shingle), args.ngram, args.num_perm)
+                sig_file.write(signature.tobytes())
+                parts["bands"].append(band_keys(signature, *bands))
             else:
-                distinct.append(i)
+                parts["bands"].append(np.zeros((len(data), 0), np.uint32))
+    os.replace(sig_tmp, folder / f"{k:06d}.sig")
+    log_json = {"counts": log.counts, "warnings": log.warnings, "n_warnings": log.n_warnings,
+                "piece_lines": log.piece_lines, "piece_docs": [piece_docs[p] for p in range(len(log.piece_lines))]}
+    save_npz(folder / f"{k:06d}.npz", log=np.array(json.dumps(log_json)),
+             **{name: np.concatenate(arrays) for name, arrays in parts.items()})
+    return k
+
+
+def read_shard_documents(job: tuple) -> list[tuple]:
+    """(index in shard, piece, line, text) of the wanted documents of shard k."""
+    k, wanted = job
+    wanted = set(wanted.tolist())
+    return [(i, piece, line, data) for i, (piece, line, data) in enumerate(shard_documents(k, Log()))
+            if i in wanted]
+
+
+def tokenize_shard(job: tuple) -> int:
+    """Second pass over shard k: tokenize the documents its split array marks 0 (train) or 1 (val),
+    each followed by </s>, into k.train / k.val; their token counts into k.npz. Returns k."""
+    k, split, folder, model_path = job
+    if worker.get("model_path") != model_path:
+        worker.update(model_path=model_path, tokenizer=Tokenizer(model_path))
+    tokenizer = worker["tokenizer"]
+    dtype = token_dtype(tokenizer.vocab_size)
+    counts = ([], [])
+    tmp = [folder / f"{k:06d}.{name}.{os.getpid()}.tmp" for name in ("train", "val")]
+    with open(tmp[0], "wb") as train_file, open(tmp[1], "wb") as val_file:
+        documents = ((split[i], data) for i, (_, _, data) in enumerate(shard_documents(k, Log())) if split[i] >= 0)
+        for batch in batched(documents):
+            # One thread each: the pool is the parallelism.
+            ids = tokenizer.encode_batch([data.decode() for _, data in batch], num_threads=1)
+            for which, f in enumerate((train_file, val_file)):
+                flat = []
+                for (s, _), doc in zip(batch, ids):
+                    if s == which:
+                        flat += doc
+                        flat.append(EOS_ID)
+                        counts[which].append(len(doc) + 1)
+                f.write(np.array(flat, dtype).tobytes())
+    for name, path in zip(("train", "val"), tmp):
+        os.replace(path, folder / f"{k:06d}.{name}")
+    save_npz(folder / f"{k:06d}.npz", train=np.array(counts[0], np.int64), val=np.array(counts[1], np.int64))
+    return k
+
+
+def run_shards(pool, task, jobs: list[tuple], sizes: list[int], desc: str):
+    """Run task on each job (shard index first), biggest shards first: the pass then ends on a small
+    shard rather than on one core finishing a big one alone. Any order gives the same files."""
+    jobs = sorted(jobs, key=lambda job: -sizes[job[0]])
+    with tqdm(total=sum(sizes[job[0]] for job in jobs), unit="B", unit_scale=True, desc=desc) as bar:
+        for k in pool.imap_unordered(task, jobs):
+            bar.update(sizes[k])
+
+
+def finished(folder: Path, n_shards: int) -> set[int]:
+    """Shards whose .npz (written last, renamed into place) is in folder."""
+    return {int(p.stem) for p in folder.glob("*.npz") if p.stem.isdigit() and int(p.stem) < n_shards}
+
+
+# ---- deciding what stays: in the parent, from the first pass's numbers ----------------------------
+
+def exact_duplicates(hashes: np.ndarray, lengths: np.ndarray, candidates: np.ndarray, read_texts) -> np.ndarray:
+    """True for each candidate whose text an earlier candidate already had.
+
+    Equal 128-bit BLAKE2b hashes almost surely mean equal texts, but a collision must never drop a
+    distinct document: the documents whose hash another candidate shares are read again
+    (read_texts(docs) yields (doc, UTF-8 text) in corpus order) and their texts compared. Only those
+    are re-read, none in a corpus without duplicates; hash groups are compared in batches of
+    about VERIFY_BYTES of text, so memory stays bounded however many duplicates there are.
+    """
+    index = np.flatnonzero(candidates)
+    _, group, counts = np.unique(hashes[index], axis=0, return_inverse=True, return_counts=True)
+    group = group.ravel()
+    shared = counts[group] > 1
+    docs, group = index[shared], group[shared]  # (documents with a shared hash,) and their hash group
+    group_of = np.full(len(candidates), -1)
+    group_of[docs] = group
+    group_bytes = np.bincount(group, weights=lengths[docs], minlength=len(counts))
+    batch_of_group = (np.cumsum(group_bytes) - group_bytes) // VERIFY_BYTES  # a group never straddles batches
+    duplicate = np.zeros(len(candidates), bool)
+    for batch in np.unique(batch_of_group[group]):
+        texts = {}  # hash group -> the distinct texts met so far (a set compares the bytes themselves)
+        for doc, text in read_texts(docs[batch_of_group[group] == batch]):
+            seen = texts.setdefault(group_of[doc], set())
+            duplicate[doc] = text in seen
+            seen.add(text)
     return duplicate
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Jaccard similarity of each row pair of signatures: the share of agreeing bins among the bins
+    that either fills (a bin empty in both tells nothing; Li, Owen & Zhang, 2012)."""
+    filled = (a != EMPTY) | (b != EMPTY)
+    return ((a == b) & filled).sum(1) / np.maximum(filled.sum(1), 1)
+
+
+def read_signatures(folder: Path, first_doc: np.ndarray, num_perm: int, docs: np.ndarray) -> np.ndarray:
+    """MinHash rows of the documents docs (global indices, any order), from the shards' .sig files."""
+    rows = np.empty((len(docs), num_perm), np.uint32)
+    order = np.argsort(docs, kind="stable")
+    bounds = np.searchsorted(docs[order], first_doc)  # docs of shard k: order[bounds[k]:bounds[k + 1]]
+    for k in np.flatnonzero(np.diff(bounds)):
+        chosen = order[bounds[k]:bounds[k + 1]]
+        signatures = np.memmap(folder / f"{k:06d}.sig", np.uint32, "r").reshape(-1, num_perm)
+        rows[chosen] = signatures[docs[chosen] - first_doc[k]]
+    return rows
+
+
+def cluster_roots(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Union-find over the pairs, vectorised: every document's root is the smallest index in its cluster.
+
+    Each round hooks the larger root of every pair that still disagrees onto the smaller one, then
+    halves all paths until each points at a root; the number of roots falls every round.
+    """
+    root = np.arange(n)
+    a, b = pairs.T
+    while (differ := root[a] != root[b]).any():
+        ra, rb = root[a[differ]], root[b[differ]]
+        np.minimum.at(root, np.maximum(ra, rb), np.minimum(ra, rb))
+        while (root[root] != root).any():
+            root = root[root]
+    return root
+
+
+def near_duplicate_roots(bands: np.ndarray, rows: int, candidates: np.ndarray, signature_rows,
+                         threshold: float) -> np.ndarray:
+    """For each document the earliest document of its near-duplicate cluster (itself if it has none).
+
+    LSH banding: documents equal on every row of some band become candidate pairs (in each band
+    the candidates are sorted by key, and neighbours with equal keys pair up). A pair is joined
+    when the MinHash estimate of its Jaccard similarity reaches the threshold; union-find then
+    merges joined pairs into clusters, so a chain of near-copies is one cluster.
+    """
+    index = np.flatnonzero(candidates)
+    empty_band = band_keys(np.full((1, rows), EMPTY), 1, rows)[0, 0]
+    codes = []
+    for band in range(bands.shape[1]):
+        keys = bands[index, band]
+        order = np.argsort(keys, kind="stable")  # equal keys side by side, in corpus order
+        keys = keys[order]
+        same = (keys[1:] == keys[:-1]) & (keys[1:] != empty_band)  # a band no shingle reached proves nothing
+        codes.append(index[order[:-1][same]] * len(bands) + index[order[1:][same]])
+    codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    pairs = np.stack([codes // len(bands), codes % len(bands)], axis=1)
+    similar = np.zeros(len(pairs), bool)
+    for s in range(0, len(pairs), PAIRS_PER_READ):
+        a, b = pairs[s:s + PAIRS_PER_READ].T
+        similar[s:s + PAIRS_PER_READ] = estimated_jaccard(signature_rows(a), signature_rows(b)) >= threshold
+    return cluster_roots(len(bands), pairs[similar])
+
+
+def read_documents(pool, docs: np.ndarray, first_doc: np.ndarray):
+    """(shard, document, piece, line, text) of the documents docs (sorted global indices), in order,
+    re-read by the workers."""
+    bounds = np.searchsorted(docs, first_doc)
+    jobs = [(k, docs[bounds[k]:bounds[k + 1]] - first_doc[k]) for k in np.flatnonzero(np.diff(bounds))]
+    for (k, _), found in zip(jobs, pool.imap(read_shard_documents, jobs)):
+        for i, piece, line, data in found:
+            yield k, first_doc[k] + i, piece, line, data
 
 
 def choose_validation(n_documents: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -215,63 +684,199 @@ def choose_validation(n_documents: int, val_fraction: float, seed: int) -> np.nd
     return is_val
 
 
-def batches(locations: np.ndarray) -> list[np.ndarray]:
-    """Consecutive runs of documents holding about BATCH_BYTES of text each."""
-    sizes = (locations["end"] - locations["start"]).astype(np.int64)
-    first_byte = np.cumsum(sizes) - sizes
-    return np.split(locations, np.flatnonzero(np.diff(first_byte // BATCH_BYTES)) + 1)
+# ---- the run --------------------------------------------------------------------------------------
 
+def load_index(folder: Path, n_shards: int) -> tuple[dict, np.ndarray, list[dict]]:
+    """The first pass's per-document arrays of all shards in corpus order, the global index of each
+    shard's first document, and each shard's log.
 
-worker = {}  # per tokenizer process: the Tokenizer and the input paths, loaded once
-
-
-def init_worker(model_path: str, paths: list[str]):
-    worker.update(tokenizer=Tokenizer(model_path), paths=paths)
-
-
-def tokenize_batch(locations: np.ndarray) -> np.ndarray:
-    """Token ids of the documents, each followed by </s>, as one flat array."""
-    texts = [data.decode() for data in read_documents(worker["paths"], locations)]
-    ids = worker["tokenizer"].encode_batch(texts, num_threads=1)  # the pool is the parallelism
-    return np.fromiter(chain.from_iterable(doc + [EOS_ID] for doc in ids),
-                       dtype=token_dtype(worker["tokenizer"].vocab_size))
-
-
-def write_tokens(pool: Pool, locations: np.ndarray, path: Path) -> int:
-    """Tokenize the documents in order, appending each batch's ids to path as it arrives; return the count.
-
-    imap keeps the order whatever the number of workers, so the file is the same byte for byte.
+    This is the dedup index, the one part of the run that grows with the corpus: per document a
+    16-byte hash, 4 bytes per LSH band (72 at the defaults), a 4-byte length and a 1-byte verdict,
+    93 bytes; deduplication needs ~90 more while it runs (measured on a million documents). The
+    MinHash signatures themselves (4 bytes per bin) stay on disk until a candidate pair needs them.
     """
-    work = batches(locations)
-    n_tokens = 0
-    with open(path, "wb") as f, tqdm(total=int((locations["end"] - locations["start"]).sum()),
-                                     unit="B", unit_scale=True, desc=f"tokenize {path.stem}") as bar:
-        for batch, ids in zip(work, pool.imap(tokenize_batch, work)):
-            f.write(ids.tobytes())
-            n_tokens += len(ids)
-            bar.update(int((batch["end"] - batch["start"]).sum()))
-    return n_tokens
+    logs = []
+    for k in range(n_shards):
+        with np.load(folder / f"{k:06d}.npz") as scan:
+            logs.append(json.loads(str(scan["log"])))
+    first_doc = np.cumsum([0] + [sum(log["piece_docs"]) for log in logs])
+    index = {}
+    for k in range(n_shards):
+        with np.load(folder / f"{k:06d}.npz") as scan:
+            for name in ("hash", "length", "verdict", "bands"):
+                if name not in index:  # allocated whole, then filled: the index is never held twice
+                    index[name] = np.empty((first_doc[-1], *scan[name].shape[1:]), scan[name].dtype)
+                index[name][first_doc[k]:first_doc[k + 1]] = scan[name]
+    return index, first_doc, logs
+
+
+def choose_documents(index: dict, args, val_input: np.ndarray | None, read_texts, signature_rows) -> tuple:
+    """Which documents stay and where: per document -1 (removed), 0 (train) or 1 (validation); the
+    counts of what was removed; the removed near-duplicates beside the documents kept in their place.
+
+    Filters, then exact duplicates, then near-duplicates, across both splits and training first: no
+    validation document is also, or nearly, a training document. val_input: per document, whether
+    it comes from --val_input (None: draw the validation split at random).
+    """
+    n, lengths = len(index["length"]), index["length"]
+    passes = index["verdict"] == 0
+    exact = exact_duplicates(index["hash"], lengths, passes, read_texts)
+    roots = np.arange(n)
+    if args.near_dedup:
+        rows = lsh_bands(args.dedup_threshold, args.num_perm)[1]
+        roots = near_duplicate_roots(index["bands"], rows, passes & ~exact, signature_rows, args.dedup_threshold)
+    near = np.flatnonzero(roots != np.arange(n))
+    docs = np.flatnonzero(passes & ~exact & (roots == np.arange(n)))
+    if val_input is not None:
+        is_val = val_input[docs]
+    elif len(docs) == 1:
+        fail("the corpus is a single document, which cannot be split: add documents or pass --val_input")
+    else:
+        is_val = choose_validation(len(docs), args.val_fraction, args.seed) if len(docs) else np.zeros(0, bool)
+    for split, chosen in (("training", ~is_val), ("validation", is_val)):
+        if not chosen.any():
+            fail(f"the {split} split is empty after skipping, filtering and deduplication")
+    split = np.full(n, -1, np.int8)
+    split[docs] = is_val
+    filters_on = [args.min_chars > 0, args.max_symbol_fraction < 1, bool(args.scripts), args.max_repeated_lines < 1]
+    removed = {
+        "duplicates_removed": int(exact.sum()), "duplicate_bytes_removed": int(lengths[exact].sum(dtype=np.int64)),
+        "near_duplicates_removed": len(near), "near_duplicate_clusters": len(np.unique(roots[near])),
+        "near_duplicate_bytes_removed": int(lengths[near].sum(dtype=np.int64)),
+        "filtered": {name: int((index["verdict"] == i + 1).sum())
+                     for i, (name, on) in enumerate(zip(FILTERS, filters_on)) if on},
+        "train_bytes": int(lengths[split == 0].sum(dtype=np.int64)),
+        "kept_bytes": int(lengths[docs].sum(dtype=np.int64)),
+    }
+    return split, removed, (near, roots[near])
+
+
+def line_offsets(shards: list[list[tuple]], logs: list[dict]) -> list[list[int]]:
+    """For each piece of each shard, the lines (Parquet: rows) of its file that come before it."""
+    seen, offsets = Counter(), []
+    for pieces, log in zip(shards, logs):
+        offsets.append([])
+        for (file, _, _), lines in zip(pieces, log["piece_lines"]):
+            offsets[-1].append(seen[file])
+            seen[file] += lines
+    return offsets
+
+
+def print_warnings(where, logs: list[dict]) -> Counter:
+    """Print the first MAX_WARNINGS warnings in corpus order; return the skip counts of all shards."""
+    skipped, shown, total = Counter(), 0, 0
+    for k, log in enumerate(logs):
+        skipped.update(log["counts"])
+        total += log["n_warnings"]
+        for piece, line, message in log["warnings"][:MAX_WARNINGS - shown]:
+            print(f"warning: {where(k, piece, line)}: {message}", file=sys.stderr)
+            shown += 1
+    if total > shown:
+        print(f"warning: {total - shown} more warnings not shown (skipped: {dict(skipped)})", file=sys.stderr)
+    return skipped
+
+
+def assemble(folder: Path, n_shards: int, out: Path) -> dict[str, int]:
+    """Concatenate the shards' tokens into out/<split>.bin.tmp in corpus order, and write each
+    document's start offset into out/<split>_doc_index.npy.tmp; return the tokens per split."""
+    tokens = {}
+    for split in ("train", "val"):
+        starts, total = [], 0
+        with open(out / f"{split}.bin.tmp", "wb") as f:
+            for k in range(n_shards):
+                with open(folder / f"{k:06d}.{split}", "rb") as part:
+                    shutil.copyfileobj(part, f, 1 << 24)
+                with np.load(folder / f"{k:06d}.npz") as shard:
+                    counts = shard[split]
+                starts.append(total + np.cumsum(counts) - counts)
+                total += int(counts.sum())
+        with open(out / f"{split}_doc_index.npy.tmp", "wb") as f:
+            np.save(f, np.concatenate(starts))
+        tokens[split] = total
+    return tokens
+
+
+def write_report(path: str, pool, near_pairs: tuple, first_doc: np.ndarray, signature_rows, where, seed: int):
+    """JSONL of up to REPORT_PAIRS removed near-duplicates beside the document kept in their place,
+    least similar first: the pairs that tell whether the threshold is right."""
+    removed, kept = near_pairs
+    if len(removed) > REPORT_PAIRS:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(removed), REPORT_PAIRS, replace=False))
+        removed, kept = removed[chosen], kept[chosen]
+    found = {doc: (where(k, piece, line), data.decode())
+             for k, doc, piece, line, data in read_documents(pool, np.unique(np.r_[removed, kept]), first_doc)}
+    jaccard = estimated_jaccard(signature_rows(removed), signature_rows(kept)) if len(removed) else []
+    pairs = sorted(zip(jaccard, removed.tolist(), kept.tolist()))
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for j, r, c in pairs:
+            f.write(json.dumps({"jaccard": round(float(j), 3), "removed": found[r][0], "kept": found[c][0],
+                                "removed_text": found[r][1], "kept_text": found[c][1]}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Tokenize text into train.bin / val.bin for train.py.")
-    parser.add_argument("--input", nargs="+", help="files, folders (their .txt and .jsonl files) or "
-                        "glob patterns; .jsonl = one JSON object with a \"text\" field per line, any other "
-                        "file = one document (default: the Python standard library's .py sources)")
+    parser = argparse.ArgumentParser(description="Filter, deduplicate and tokenize a corpus into train.bin / "
+                                     "val.bin for train.py.")
+    parser.add_argument("--input", nargs="+", help="files, folders (their .txt, .jsonl, .jsonl.gz, .jsonl.zst and "
+                        ".parquet files) or glob patterns; a .jsonl line and a Parquet row hold a document in "
+                        "--text_field, any other file is one document (default: the Python standard library's "
+                        ".py sources)")
     parser.add_argument("--val_input", nargs="+", help="inputs forming the validation split "
                         "(default: a random --val_fraction of the documents)")
     parser.add_argument("--out", help="output folder (default: data/<name of the single input>)")
+    parser.add_argument("--text_field", default="text", help="the JSONL field / Parquet column of the text")
     parser.add_argument("--vocab_size", type=int, default=6400)
     # 1% keeps 99% of the documents for training and still gives the default corpus 17 validation
     # files, ~60k tokens; small corpora want a larger fraction, or --val_input.
     parser.add_argument("--val_fraction", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--shard_mb", type=float, help="input per shard, the unit of work and of --resume "
+                        "(default: a 256th of the input, within 1 to 64 MB)")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run with the same "
+                        "arguments: the shards it finished are not read again")
+    near = parser.add_argument_group("near-duplicates (after exact duplicates, which are always removed)")
+    near.add_argument("--no_near_dedup", dest="near_dedup", action="store_false")
+    near.add_argument("--dedup_threshold", type=fraction, default=0.8, help="Jaccard similarity of two "
+                      "documents' shingle sets from which one is removed (default 0.8)")
+    near.add_argument("--shingle", choices=("char", "word"), default="char", help="shingle unit: characters "
+                      "(any script, code) or words (space-separated languages only); default char")
+    near.add_argument("--ngram", type=int, default=5, help="units per shingle (default 5)")
+    near.add_argument("--num_perm", type=int, default=128, help="MinHash bins per document (default 128)")
+    near.add_argument("--dedup_report", metavar="FILE", help=f"write {REPORT_PAIRS} removed/kept pairs to FILE (JSONL)")
+    quality = parser.add_argument_group("quality filters (all off by default)")
+    quality.add_argument("--min_chars", type=int, default=0, help="drop documents shorter than this")
+    quality.add_argument("--max_symbol_fraction", type=fraction, default=1.0, help="drop documents with a "
+                         "larger share of symbol characters (Unicode S* and C*: emoji, box drawing, control); "
+                         "code has ~0.05, try 0.2")
+    quality.add_argument("--scripts", nargs="+", help="keep documents whose letters are mostly of these "
+                         "scripts, e.g. cjk latin (Chinese and code)")
+    quality.add_argument("--min_script_fraction", type=fraction, default=0.8,
+                         help="share of letters that --scripts needs (default 0.8)")
+    quality.add_argument("--max_repeated_lines", type=fraction, default=1.0, help="drop documents with a larger "
+                         "share of non-blank lines that repeat an earlier one; Gopher uses 0.3")
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         fail(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    if args.workers < 1:
-        fail(f"--workers must be at least 1, got {args.workers}")
+    for name in ("workers", "ngram", "num_perm"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if (args.shard_mb is not None and args.shard_mb <= 0) or args.dedup_threshold == 0:
+        fail("--shard_mb and --dedup_threshold must be above 0")
+    if args.scripts:
+        args.scripts = [s.lower() for s in args.scripts]
+        unknown = sorted(set(args.scripts) - set(char_classes()[2]))
+        if unknown:
+            fail(f"unknown script {unknown[0]}: use the first word of its letters' Unicode names, "
+                 "e.g. latin, cjk, cyrillic, greek, arabic, hangul, hiragana, katakana, devanagari")
     try:
         check_vocab_size(args.vocab_size)
     except ValueError as e:
@@ -283,7 +888,7 @@ def default_out(inputs: list[str] | None) -> Path:
     if inputs is None:
         return Path("data/pystdlib")
     if len(inputs) == 1 and os.path.exists(inputs[0]):
-        return Path("data") / Path(os.path.abspath(inputs[0])).stem
+        return Path("data") / Path(os.path.abspath(inputs[0]).removesuffix(".gz").removesuffix(".zst")).stem
     fail("pass --out: no folder name follows from several inputs or a glob pattern")
 
 
@@ -293,74 +898,133 @@ def main(argv=None):
     val_files = resolve_inputs(args.val_input) if args.val_input else []
     out = Path(args.out) if args.out else default_out(args.input)
     paths = train_files + val_files
-    skips = Skips()
-    locations, bytes_read = scan_corpus(paths, skips)
-    if len(locations) == 0:
-        fail("the corpus has no documents: every file or line is empty or was skipped")
-    # Across both splits, training first: no validation document is also a training document.
-    duplicate = find_duplicates(paths, locations)
-    locations = locations[~duplicate]
-    if val_files:
-        is_val = locations["file"] >= len(train_files)
-    elif len(locations) < 2:
-        fail("the corpus is a single document, which cannot be split: add documents or pass --val_input")
-    else:
-        is_val = choose_validation(len(locations), args.val_fraction, args.seed)
-    for split, chosen in (("training", ~is_val), ("validation", is_val)):
-        if not chosen.any():
-            fail(f"the {split} split is empty after skipping and deduplication")
-
-    out.mkdir(parents=True, exist_ok=True)
-    model_path = out / "tokenizer.model"
-    if model_path.exists():
-        print(f"reusing {model_path}")
-    else:
-        train = locations[~is_val]
-        # Every stride-th document, so the trainer's byte budget samples the whole corpus, not its start.
-        stride = max(1, math.ceil(int((train["end"] - train["start"]).sum()) / MAX_TRAIN_BYTES))
-        sample = train[::stride]
-        print(f"training a {args.vocab_size}-token tokenizer on {len(sample):,} training documents")
-        train_tokenizer((data.decode() for data in read_documents(paths, sample)), args.vocab_size, str(out))
+    # ~256 shards keep every core busy to the last one and cost ~1 ms each; 1 to 64 MB bounds the files
+    # in out/work/ and the memory of a worker.
+    total = sum(map(os.path.getsize, paths))
+    shard_bytes = round(args.shard_mb * 1e6) if args.shard_mb else int(np.clip(total / 256, 1e6, 64e6))
+    shards, sizes = plan_shards(paths, max(1, shard_bytes), args.text_field)
+    if not shards:
+        fail("the corpus has no documents: every Parquet file is empty")
+    # Everything the work folder's files depend on: a resumed run must agree on all of it.
+    settings = {"inputs": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths],
+                "args": {k: v for k, v in vars(args).items() if k not in ("workers", "resume", "dedup_report")}}
+    settings = json.loads(json.dumps(settings))
+    work = out / "work"
+    resuming = args.resume and (work / "settings.json").exists()
+    if resuming and json.loads((work / "settings.json").read_text()) != settings:
+        fail(f"--resume: {work} was left by a run with other inputs or arguments; run without --resume")
+    if args.resume and not resuming:
+        print(f"--resume: no unfinished run in {work}, starting from the beginning")
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the top new folder
     try:
-        tokenizer = Tokenizer(str(model_path))
-    except ValueError as e:
-        fail(f"{e}; delete it to train a new one")
+        if not resuming:
+            shutil.rmtree(work, ignore_errors=True)
+            (work / "scan").mkdir(parents=True)
+            (work / "settings.json").write_text(json.dumps(settings))
+        prepare(args, paths, len(train_files), shards, sizes, out, work)
+    except SystemExit:  # a clear error about the input: leave nothing of this run behind
+        shutil.rmtree(created or work, ignore_errors=True)
+        raise
+    shutil.rmtree(work)
 
-    tmp = {name: out / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
+
+def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]], sizes: list[int],
+            out: Path, work: Path):
     started = time.time()
+    job = {"paths": paths, "shards": shards, "args": args, "work": str(work)}
     # spawn: fresh workers that inherit no threads or locks from this process (fork would copy tqdm's
     # monitor thread, and in a test run torch's thread pools too).
-    with get_context("spawn").Pool(args.workers, initializer=init_worker,
-                                   initargs=(str(model_path), paths)) as pool:
-        train_tokens = write_tokens(pool, locations[~is_val], tmp["train.bin"])
-        val_tokens = write_tokens(pool, locations[is_val], tmp["val.bin"])
-    seconds = time.time() - started
-    text_bytes = int((locations["end"] - locations["start"]).sum())
+    with get_context("spawn").Pool(args.workers, init_worker, (job,)) as pool:
+        done = finished(work / "scan", len(shards))
+        if done:
+            print(f"resuming: {len(done)} of {len(shards)} shards already scanned")
+        run_shards(pool, scan_shard, [(k,) for k in range(len(shards)) if k not in done], sizes, "scan")
+        index, first_doc, logs = load_index(work / "scan", len(shards))
+        offsets = line_offsets(shards, logs)
+
+        def where(k, piece, line):
+            path = paths[shards[k][piece][0]]
+            return path if line is None else f"{path}:{offsets[k][piece] + line}"
+
+        skipped = print_warnings(where, logs)
+        if first_doc[-1] == 0:
+            fail("the corpus has no documents: every file or line is empty or was skipped")
+        val_input = None
+        if n_train_files < len(paths):
+            piece_files = [file for pieces in shards for file, _, _ in pieces]
+            val_input = np.repeat(piece_files, [n for log in logs for n in log["piece_docs"]]) >= n_train_files
+        signature_rows = lambda docs: read_signatures(work / "scan", first_doc, args.num_perm, docs)  # noqa: E731
+        read_texts = lambda docs: ((doc, data) for _, doc, _, _, data in read_documents(pool, docs, first_doc))  # noqa: E731
+        split, removed, near_pairs = choose_documents(index, args, val_input, read_texts, signature_rows)
+        del index, val_input  # from here on the run holds one byte per document
+        if args.dedup_report:
+            write_report(args.dedup_report, pool, near_pairs, first_doc, signature_rows, where, args.seed)
+
+        model_path = out / "tokenizer.model"
+        if model_path.exists():
+            print(f"reusing {model_path}")
+        else:
+            train = np.flatnonzero(split == 0)
+            # Every stride-th document, so the trainer's byte budget samples the whole corpus, not its start.
+            sample = train[::max(1, math.ceil(removed["train_bytes"] / MAX_TRAIN_BYTES))]
+            print(f"training a {args.vocab_size}-token tokenizer on {len(sample):,} training documents")
+            try:
+                train_tokenizer((data.decode() for *_, data in read_documents(pool, sample, first_doc)),
+                                args.vocab_size, str(out))
+            except ValueError as e:
+                fail(str(e))
+        try:
+            tokenizer = Tokenizer(str(model_path))
+        except ValueError as e:
+            fail(f"{e}; delete it to train a new one")
+
+        sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        tokens = work / f"tokens-{sha256[:16]}"  # another tokenizer's shards are never reused
+        tokens.mkdir(exist_ok=True)
+        done = finished(tokens, len(shards))
+        if done:
+            print(f"resuming: {len(done)} of {len(shards)} shards already tokenized")
+        tokenize_started = time.time()
+        run_shards(pool, tokenize_shard, [(k, split[first_doc[k]:first_doc[k + 1]], tokens, str(model_path))
+                                          for k in range(len(shards)) if k not in done], sizes, "tokenize")
+        tokenize_seconds = time.time() - tokenize_started
+
+    n_tokens = assemble(tokens, len(shards), out)
+    kept_bytes = removed.pop("kept_bytes")
+    del removed["train_bytes"]
+    bands, rows = lsh_bands(args.dedup_threshold, args.num_perm)
     meta = {
         "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name,
-        "eos_id": EOS_ID, "train_tokens": train_tokens, "val_tokens": val_tokens,
-        "train_documents": int((~is_val).sum()), "val_documents": int(is_val.sum()),
-        "duplicates_removed": int(duplicate.sum()), "bytes_read": bytes_read, "files": len(paths),
-        "tokenizer_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
-        "skipped": dict(skips.counts),
+        "eos_id": EOS_ID, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+        "train_documents": int((split == 0).sum()), "val_documents": int((split == 1).sum()),
+        "doc_index": {"train": "train_doc_index.npy", "val": "val_doc_index.npy"}, **removed,
+        "near_dedup": {"threshold": args.dedup_threshold, "shingle": args.shingle, "ngram": args.ngram,
+                       "num_perm": args.num_perm, "bands": bands, "rows": rows} if args.near_dedup else None,
+        "bytes_read": sum(map(os.path.getsize, paths)), "files": len(paths), "shards": len(shards),
+        "tokenizer_sha256": sha256, "skipped": dict(skipped),
         "inputs": args.input or [sysconfig.get_paths()["stdlib"]], "val_inputs": args.val_input,
-        "val_fraction": None if val_files else args.val_fraction, "seed": args.seed,
+        "text_field": args.text_field, "val_fraction": None if args.val_input else args.val_fraction,
+        "seed": args.seed,
     }
-    tmp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
     # meta.json marks a complete folder: it goes first and comes back last, so no crash between the
-    # replaces can leave a meta.json describing .bin files it does not match.
+    # replaces can leave a meta.json describing files it does not match.
     (out / "meta.json").unlink(missing_ok=True)
-    for name in ("train.bin", "val.bin", "meta.json"):
-        os.replace(tmp[name], out / name)
+    for name in ("train.bin", "val.bin", "train_doc_index.npy", "val_doc_index.npy", "meta.json"):
+        os.replace(out / f"{name}.tmp", out / name)
 
-    print(f"{out}: {train_tokens:,} train tokens ({meta['train_documents']:,} documents), "
-          f"{val_tokens:,} val tokens ({meta['val_documents']:,} documents), {meta['dtype']}, "
+    print(f"{out}: {n_tokens['train']:,} train tokens ({meta['train_documents']:,} documents), "
+          f"{n_tokens['val']:,} val tokens ({meta['val_documents']:,} documents), {meta['dtype']}, "
           f"vocab {tokenizer.vocab_size}")
-    print(f"read {bytes_read / 1e6:.1f} MB in {len(paths):,} files; removed {meta['duplicates_removed']:,} "
-          f"duplicates; skipped {dict(skips.counts) or 'nothing'}")
-    print(f"tokenized {text_bytes / 1e6:.1f} MB in {seconds:.1f} s ({text_bytes / 1e6 / seconds:.1f} MB/s "
-          f"with --workers {args.workers}), {(train_tokens + val_tokens - len(locations)) / text_bytes:.3f} "
-          f"tokens per byte not counting </s>")
+    print(f"read {meta['bytes_read'] / 1e6:.1f} MB in {len(paths):,} files ({len(shards):,} shards); removed "
+          f"{meta['duplicates_removed']:,} exact duplicates ({meta['duplicate_bytes_removed'] / 1e6:.1f} MB) and "
+          f"{meta['near_duplicates_removed']:,} near-duplicates in {meta['near_duplicate_clusters']:,} clusters "
+          f"({meta['near_duplicate_bytes_removed'] / 1e6:.1f} MB); filtered {meta['filtered'] or 'nothing'}; "
+          f"skipped {dict(skipped) or 'nothing'}")
+    tokens_per_byte = (sum(n_tokens.values()) - (split >= 0).sum()) / kept_bytes  # </s> stands for no text
+    print(f"tokenized {kept_bytes / 1e6:.1f} MB in {tokenize_seconds:.1f} s ({kept_bytes / 1e6 / tokenize_seconds:.1f} "
+          f"MB/s with --workers {args.workers}), {tokens_per_byte:.3f} tokens per byte not counting </s>; "
+          f"{time.time() - started:.1f} s in all")
 
 
 if __name__ == "__main__":
