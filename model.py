@@ -166,10 +166,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # In float32: a bf16 sum of squares over thousands of channels loses the low bits of the scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps), in float32: a bf16 sum of squares over thousands of channels loses the low
+        # bits of the scale. The gain applies after rounding back, as in Llama (so the HF export agrees).
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -433,10 +432,10 @@ class MLA(nn.Module):
             (kv,) = kv_cache.update(self.layer_id, kv)  # (B, 1, S, rank + rope)
             w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
             w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]  # (n_head, nope, rank), (n_head, v_dim, rank)
-            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, n_head, T, rank)
+            q_latent = q_nope @ w_uk  # (B, n_head, T, nope) @ (n_head, nope, rank) -> (B, n_head, T, rank)
             y = attention(torch.cat((q_latent, q_rope), dim=-1), kv, kv[..., : self.rank], mask, self.attn_impl,
                           dropout, self.scale)  # (B, n_head, T, rank): per head, a weighted sum of latents
-            y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, n_head, T, v_dim)
+            y = y @ w_uv.transpose(1, 2)  # (B, n_head, T, rank) @ (n_head, rank, v_dim) -> (B, n_head, T, v_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
 
 
