@@ -1,24 +1,39 @@
 """
-parallel.py: data parallelism written on raw torch.distributed collectives.
+parallel.py: data parallelism and ZeRO written on raw torch.distributed collectives.
 
-train.py runs unchanged as one process (`python train.py ...`) or as N processes under torchrun
-(`torchrun --nproc_per_node=N train.py ...`); everything that moves between processes lives here.
+    torchrun --nproc_per_node=4 train.py config/pretrain.py --zero_stage=2       # one node
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+             --rdzv_endpoint=HOST:29500 train.py config/pretrain.py --zero_stage=3   # on each node
 
-The one idea: data parallelism is "same weights, different data, averaged gradients". Every rank
-starts from rank 0's weights and applies the same averaged gradient with the same optimizer, so the
-replicas never drift apart, and N ranks each doing 1/N of a global batch compute exactly the step one
-process would compute on the whole global batch.
+train.py runs unchanged as one process or as N processes; everything that moves between processes lives here.
 
-This is the plain version: one all-reduce of all gradients after the backward. Overlapping that
-communication with the backward (buckets) and sharding optimizer state, gradients and parameters
-(ZeRO) build on it.
+The one idea: data parallelism is "same weights, different data, averaged gradients", and ZeRO (Rajbhandari
+et al. 2020) notices that AdamW is elementwise. Rank r can own a contiguous slice of the flattened parameters
+and step only that slice: it needs only that slice of the averaged gradient (a reduce-scatter instead of an
+all-reduce) and only that slice of the AdamW moments. An all-gather of the updated slices rebuilds the full
+parameters, and reduce-scatter + all-gather move the same bytes as one all-reduce. Stage 1 shards the optimizer
+state, stage 2 also frees each full gradient as soon as it is reduce-scattered, stage 3 also keeps only the
+parameter slices and gathers each block's full parameters just before it runs. Every stage computes the same
+step as one process on the whole global batch.
+
+The flat layout: parameters travel in buckets, runs of parameters whose values live in one flat buffer (the
+parameters are views into it) padded to a multiple of the world size. Buckets never mix weight-decay groups, so
+each rank's slice of a bucket is one tensor for torch.optim.AdamW with one weight decay. Checkpoints store each
+rank's AdamW state as pieces of the flattened parameters, not of buckets, so a run resumes at any world size and
+stage. FSDP2 at the end wraps PyTorch's own fully_shard in the same interface, for comparison and production.
 """
 
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
+
+# torch 2.13 renamed the tensor collectives (reduce_scatter_tensor -> reduce_scatter_single) and warns on the old
+# names; older torch (the GPU image runs 2.11) has only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
@@ -46,21 +61,43 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def destroy() -> None:
+def destroy(wait_for_others: bool = True) -> None:
+    """Leaves the process group, normally after a barrier: a rank that closes its connections while another
+    still reads from them can make that one abort at exit ("terminate called without an active exception")."""
     if is_distributed():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 
-def check_same_on_all_ranks(obj, what: str) -> None:
+def lost_a_rank(error: RuntimeError) -> SystemExit:
+    """The one sentence for a collective that failed: gloo and NCCL raise a RuntimeError when a peer closed its
+    connection (it died) or did not answer within dist_timeout_s (it hangs)."""
+    rank = dist.get_rank() if is_distributed() else 0
+    return SystemExit(f"rank {rank}: a collective failed, so another rank died or stopped answering within "
+                      f"dist_timeout_s ({str(error).splitlines()[0][:200]})")
+
+
+def _wait(work) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:
+        raise lost_a_rank(e) from None
+
+
+def check_same_on_all_ranks(config: dict, what: str) -> None:
     """Fails fast when ranks disagree (say, a config override given to one rank only): a mismatch
     would otherwise surface much later as a hang or as silently diverging replicas."""
     if not is_distributed():
         return
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, obj)
-    if any(o != everyone[0] for o in everyone):
-        raise SystemExit(f"the ranks disagree on the {what}: rank 0 has {everyone[0]!r}, "
-                         f"but some rank has {next(o for o in everyone if o != everyone[0])!r}")
+    me, everyone = dist.get_rank(), all_gather_objects(config)
+    for rank, other in enumerate(everyone):
+        differ = sorted(k for k in config.keys() | other.keys() if config.get(k) != other.get(k))
+        if differ:
+            destroy()  # leave the group cleanly: every rank reaches this line with the same verdict
+            k = differ[0]
+            raise SystemExit(f"the ranks disagree on the {what}: {k} is {config.get(k)!r} on rank {me} "
+                             f"but {other.get(k)!r} on rank {rank}")
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
@@ -72,34 +109,10 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-def all_reduce_gradients(model: torch.nn.Module) -> None:
-    """Replaces every gradient by its mean over the ranks.
-
-    All gradients are packed into one flat buffer so the step makes one collective instead of one
-    per parameter: each collective pays a fixed latency, and a small model has hundreds of small
-    tensors. A parameter without a gradient this step contributes zeros, so every rank sends a
-    buffer of the same layout and no rank waits for a tensor another rank never sends.
-    Summing and then dividing (rather than ReduceOp.AVG) works on every backend and torch version.
-    """
-    if not is_distributed():
-        return
-    params = list(model.parameters())
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sums a small tensor of statistics (eval losses, token counts) over the ranks, in place."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _wait(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True))
     return tensor
 
 
@@ -108,5 +121,509 @@ def all_gather_objects(obj) -> list:
     if not is_distributed():
         return [obj]
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, obj)
+    try:
+        dist.all_gather_object(everyone, obj)
+    except RuntimeError as e:
+        raise lost_a_rank(e) from None
     return everyone
+
+
+class Bucket:
+    """Parameters that travel together. Their values live in `flat` (the parameters are views into it), padded
+    to a multiple of the world size; `shard` is the slice this rank steps with AdamW, and shard.grad its slice of
+    the averaged gradient."""
+
+    def __init__(self, named_params: list, weight_decay: float, world_size: int):
+        self.names = [name for name, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.weight_decay = weight_decay
+        self.offsets, self.numel = [], 0
+        for p in self.params:
+            self.offsets.append(self.numel)
+            self.numel += p.numel()
+        self.shard_size = -(-self.numel // world_size)  # ceil: the padding is at most world_size - 1 zeros
+        first = self.params[0]
+        self.flat = torch.zeros(self.shard_size * world_size, dtype=first.dtype, device=first.device)
+        for p, offset in zip(self.params, self.offsets):
+            self.flat[offset:offset + p.numel()].copy_(p.data.reshape(-1))
+            p.data = self.flat[offset:offset + p.numel()].view_as(p)
+        self.ready = set()  # ids of the parameters whose gradient of this backward has arrived
+        self.staging = None  # stages 2-3: the full gradient of the current micro-batch, until it is sent
+
+    def all_ready(self) -> bool:
+        return len(self.ready) == len(self.params)
+
+    def owned_range(self, rank: int, replicated: bool) -> tuple[int, int]:
+        return (0, self.flat.numel()) if replicated else (rank * self.shard_size, (rank + 1) * self.shard_size)
+
+    def pieces(self, lo: int, hi: int):
+        """(name, start, stop, position in [lo, hi)) for each parameter's flattened elements inside [lo, hi)."""
+        for name, p, offset in zip(self.names, self.params, self.offsets):
+            start, stop = max(lo, offset), min(hi, offset + p.numel())
+            if start < stop:
+                yield name, start - offset, stop - offset, start - lo
+
+
+class Unit:
+    """Stage 3: the buckets of one block (or of the root: embedding, final norm, head) whose full parameters
+    exist only from just before the block runs until just after."""
+
+    def __init__(self, buckets: list):
+        self.buckets = buckets
+        for b in buckets:
+            b.unit = self
+        self.full = False
+        self.pending = []  # all-gathers in flight
+
+
+def ring_bytes(kind: str, nbytes: int, world_size: int) -> float:
+    """Bytes each rank sends in a ring collective over nbytes of data: reduce-scatter and all-gather pass
+    (N-1)/N of it, an all-reduce (one of each) twice that (Patarasuk & Yuan 2009)."""
+    share = nbytes * (world_size - 1) / world_size
+    return 2 * share if kind == "all_reduce" else share
+
+
+class Engine:
+    """The model's parameters, gradients and AdamW state laid out in buckets and sharded by ZeRO stage.
+
+    train.py calls set_sync(is_last_micro_batch) before each forward, backward(loss) after it, and once all
+    micro-batches are done step(lr, grad_clip, scaler).
+    """
+
+    def __init__(self, model: torch.nn.Module, weight_decay: float, zero_stage: int, lr: float, betas: tuple,
+                 fused: bool, bucket_mb: float = 25.0):
+        self.model, self.stage = model, zero_stage
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        self.sync = True
+        self.bytes_sent, self.wait_s = 0.0, 0.0
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        groups = param_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
+        if zero_stage == 3:
+            # One unit per block and one for the rest, in the order their gradients are complete: last block
+            # first, the root last (a tied embedding's gradient is complete only when the backward reaches wte).
+            in_blocks = {id(p) for block in model.layers for p in block.parameters()}
+            root = [p for p in model.parameters() if id(p) not in in_blocks]
+            self.units = [Unit(self._split_by_decay(list(block.parameters()), groups, name_of))
+                          for block in reversed(model.layers)] + [Unit(self._split_by_decay(root, groups, name_of))]
+            self.buckets = [b for unit in self.units for b in unit.buckets]
+        else:
+            self.units = []
+            self.buckets = self._size_buckets(groups, name_of, bucket_mb * 2**20)
+        self.where = {id(p): (b, offset) for b in self.buckets for p, offset in zip(b.params, b.offsets)}
+        for b in self.buckets:
+            if zero_stage == 0:
+                b.shard = b.flat
+            elif zero_stage in (1, 2):
+                b.shard = b.flat[self.rank * b.shard_size:(self.rank + 1) * b.shard_size]
+            else:  # stage 3: the slice is the only copy kept; the full buffer is released right away
+                b.shard = b.flat[self.rank * b.shard_size:(self.rank + 1) * b.shard_size].clone()
+                b.flat.untyped_storage().resize_(0)
+            if zero_stage < 2:
+                # The full gradient of a bucket is one flat buffer too: with p.grad a view into it, autograd
+                # accumulates micro-batches in place and the collective sends the buffer as it is, no copy.
+                # Stage 1 reduce-scatters it in place, so this rank's averaged slice lands in its own slice.
+                b.grad = torch.zeros_like(b.flat)
+                b.shard.grad = b.grad if zero_stage == 0 else b.grad[slice(*b.owned_range(self.rank, False))]
+                for p, offset in zip(b.params, b.offsets):
+                    p.grad = b.grad[offset:offset + p.numel()].view_as(p)
+            else:
+                b.shard.grad = torch.zeros_like(b.shard)
+        for p in model.parameters():
+            if id(p) in self.where:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.next_launch, self.in_flight = 0, []
+        # AdamW is elementwise, so stepping each slice is exactly the unsharded AdamW; fused does it in one kernel.
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [b.shard for b in self.buckets if b.weight_decay == wd], "weight_decay": wd}
+             for wd in sorted({b.weight_decay for b in self.buckets}, reverse=True)],
+            lr=lr, betas=betas, fused=fused)
+        if zero_stage == 3:
+            # All-gathers get their own communicator: they are issued in module order, reduce-scatters in
+            # bucket order, and each communicator needs the same order of calls on every rank.
+            self.gather_group = dist.new_group() if is_distributed() else None
+            self._install_stage3_hooks()
+
+    def _split_by_decay(self, params: list, groups: list, name_of: dict) -> list:
+        ids = {id(p) for p in params}
+        return [Bucket([(name_of[id(p)], p) for p in group if id(p) in ids], wd, self.world)
+                for group, wd in groups if any(id(p) in ids for p in group)]
+
+    def _size_buckets(self, groups: list, name_of: dict, cap_bytes: float) -> list:
+        """Buckets of about cap_bytes in reverse parameter order (the order the backward produces gradients), so
+        the first buckets fill and start communicating while the backward is still running. The first is
+        smaller (1/25 of the cap, as PyTorch's DDP): the backward's very first gradients start moving at once.
+        The no-decay group (norm gains, a few KB) comes last: its gradients arrive all through the backward,
+        and in front it would hold back every bucket behind it until the end."""
+        buckets = []
+        for params, wd in groups:
+            run, size = [], 0
+            for p in reversed(params):
+                run.append((name_of[id(p)], p))
+                size += p.numel() * p.element_size()
+                if size >= (cap_bytes / 25 if not buckets else cap_bytes):
+                    buckets.append(Bucket(run, wd, self.world))
+                    run, size = [], 0
+            if run:
+                buckets.append(Bucket(run, wd, self.world))
+        return buckets
+
+    # ---- gradients ------------------------------------------------------------------------------
+    def set_sync(self, sync: bool) -> None:
+        """Whether the coming micro-batch communicates. Stages 0-1 accumulate full gradients locally and send
+        only on the last micro-batch; stages 2-3 reduce-scatter every micro-batch (keeping a full gradient
+        across micro-batches is exactly what they save), as DeepSpeed's ZeRO-2 and FSDP do."""
+        self.sync = sync
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        """Runs when p's gradient of this backward is accumulated. Buckets launch strictly in bucket order: a
+        rank where some gradient is missing (an unused expert) holds back the later buckets too, so every rank
+        issues the same collectives in the same order and none waits for a tensor that never comes."""
+        b, offset = self.where[id(p)]
+        if self.stage >= 2:
+            if b.staging is None:
+                b.staging = torch.zeros_like(b.flat)
+            b.staging[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = None
+        elif not self.sync:
+            return
+        b.ready.add(id(p))
+        if self.stage == 3 and all(c.all_ready() for c in b.unit.buckets):
+            self._release(b.unit)  # the block's backward is over: its full parameters can go
+        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].all_ready():
+            self._launch(self.buckets[self.next_launch])
+
+    def _collective(self, kind: str, out: torch.Tensor, inp: torch.Tensor, group=None):
+        """Starts one async collective and counts the bytes it sends; in a world of one it is a copy (or nothing,
+        when out is inp or a view of the same memory)."""
+        if self.world == 1:
+            if out.data_ptr() != inp.data_ptr():
+                out.copy_(inp)
+            return None
+        self.bytes_sent += ring_bytes(kind, max(out.numel(), inp.numel()) * out.element_size(), self.world)
+        if kind == "all_reduce":
+            return dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True)
+        if kind == "reduce_scatter":
+            return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, async_op=True)
+        return _all_gather(out, inp, group=group, async_op=True)
+
+    def _launch(self, b: Bucket) -> None:
+        self.next_launch += 1
+        if self.stage == 0:
+            work, received = self._collective("all_reduce", b.grad, b.grad), None
+        elif self.stage == 1:
+            work, received = self._collective("reduce_scatter", b.shard.grad, b.grad), None
+        else:
+            received = torch.empty_like(b.shard)
+            work = self._collective("reduce_scatter", received, b.staging)
+        self.in_flight.append((work, b, received))
+        # Stages 2-3 bound the full gradients alive to the two newest buckets: waiting for the older one here
+        # lets its staging buffer go while the backward goes on.
+        while self.stage >= 2 and len(self.in_flight) > 2:
+            self._complete(*self.in_flight.pop(0))
+
+    def _complete(self, work, b: Bucket, received) -> None:
+        self._wait(work)
+        if self.stage >= 2:
+            b.shard.grad += received  # sums over ranks, and over micro-batches
+            b.staging = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), then send what the hooks could not: buckets with a parameter that got no gradient
+        this time count it as zeros. Only the last micro-batch of stages 0-1 communicates."""
+        loss.backward()
+        if self.stage < 2 and not self.sync:
+            return
+        for b in self.buckets[self.next_launch:]:
+            if self.stage >= 2 and b.staging is None:
+                b.staging = torch.zeros_like(b.flat)
+            self._launch(b)
+        while self.in_flight:
+            self._complete(*self.in_flight.pop(0))
+        for b in self.buckets:
+            b.ready.clear()
+        self.next_launch = 0
+        for unit in self.units:  # the root, and a block whose parameters did not all get a gradient
+            self._release(unit)
+
+    def step(self, lr: float, grad_clip: float, scaler: torch.amp.GradScaler) -> torch.Tensor:
+        """Averages, clips on the global norm, steps AdamW on this rank's slices, rebuilds the full parameters
+        (stages 1-2), zeroes the gradients. Returns the global gradient norm before clipping."""
+        for b in self.buckets:
+            b.shard.grad /= self.world  # summed over ranks -> mean over the global batch
+        scaler.unscale_(self.optimizer)
+        # Norm over the whole gradient vector: each rank holds a disjoint slice (stage 0: all of it, the same
+        # on every rank), and the padding is zeros, so the sum of squared slices adds up to the full norm.
+        sum_sq = torch.stack([b.shard.grad.float().pow(2).sum() for b in self.buckets]).sum()
+        if self.stage > 0:
+            self._wait(self._collective("all_reduce", sum_sq, sum_sq))
+        norm = sum_sq.sqrt()
+        if grad_clip > 0:
+            # As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+            coef = torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+            for b in self.buckets:
+                b.shard.grad.mul_(coef)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(self.optimizer)
+        scaler.update()
+        for b in self.buckets:
+            (b.shard.grad if self.stage >= 2 else b.grad).zero_()
+        if self.stage in (1, 2):
+            # In place: this rank's slice of the output is the input (NCCL and gloo both allow exactly this alias).
+            for work in [self._collective("all_gather", b.flat, b.shard) for b in self.buckets]:
+                self._wait(work)
+        return norm
+
+    def _wait(self, work) -> None:
+        if work is not None:
+            t0 = time.perf_counter()
+            _wait(work)
+            self.wait_s += time.perf_counter() - t0
+
+    def comm_stats(self) -> dict:
+        """Bytes this rank sent and seconds it waited on collectives since the last call."""
+        stats = {"comm_bytes": self.bytes_sent, "comm_wait_s": self.wait_s}
+        self.bytes_sent, self.wait_s = 0.0, 0.0
+        return stats
+
+    def theory_bytes(self, micro_batches: int) -> float:
+        """The ZeRO paper's communication per step per rank (section 7): 2 x params for DDP and stages 1-2
+        (reduce-scatter + all-gather = one all-reduce), 3 x params for stage 3 (a second all-gather before the
+        backward). Stages 2-3 send their reduce-scatter (and stage 3 its all-gathers) on every micro-batch."""
+        params = sum(b.numel * b.flat.element_size() for b in self.buckets) * (self.world - 1) / self.world
+        return params * {0: 2, 1: 2, 2: micro_batches + 1, 3: 3 * micro_batches}[self.stage]
+
+    # ---- stage 3: gathering parameters just in time -------------------------------------------------
+    def _gather(self, unit: Unit) -> None:
+        """Starts the all-gather of a unit's full parameters (no-op if they are there or on their way)."""
+        if unit.full:
+            return
+        unit.full = True
+        for b in unit.buckets:
+            b.flat.untyped_storage().resize_(b.flat.numel() * b.flat.element_size())
+            unit.pending.append(self._collective("all_gather", b.flat, b.shard, group=self.gather_group))
+
+    def _wait_gathered(self, unit: Unit) -> None:
+        self._gather(unit)
+        while unit.pending:
+            self._wait(unit.pending.pop(0))
+
+    def _release(self, unit: Unit) -> None:
+        if unit.full:
+            self._wait_gathered(unit)  # never free memory a collective is still writing
+            for b in unit.buckets:
+                b.flat.untyped_storage().resize_(0)
+            unit.full = False
+
+    def _install_stage3_hooks(self) -> None:
+        """Forward: gather the root and the first block, then each block's pre-hook waits for its own gather
+        and starts the next block's (prefetch: the next gather overlaps this block's compute); a block is
+        released after its forward. Backward: a hook on each block's output fires just before the block's
+        backward, gathers it again and prefetches the block before it; the block is released once all its
+        gradients have arrived (_grad_ready). The root stays whole from forward to the end of the backward,
+        as in FSDP: its head runs first and its embedding last in the backward."""
+        blocks = list(self.model.layers)
+        root, block_units = self.units[-1], self.units[-2::-1]  # block_units[i] belongs to blocks[i]
+
+        def before_model(module, args):
+            self._wait_gathered(root)
+            self._gather(block_units[0])
+
+        def after_model(module, args, output):
+            if not torch.is_grad_enabled():
+                self._release(root)
+
+        def before_block(i):
+            def hook(module, args):
+                self._wait_gathered(block_units[i])
+                if i + 1 < len(blocks):
+                    self._gather(block_units[i + 1])
+            return hook
+
+        def before_block_backward(i):
+            def hook(grad):
+                self._wait_gathered(block_units[i])
+                if i > 0:
+                    self._gather(block_units[i - 1])
+            return hook
+
+        def after_block(i):
+            def hook(module, args, output):
+                self._release(block_units[i])
+                if output.requires_grad:
+                    output.register_hook(before_block_backward(i))
+            return hook
+
+        self.model.register_forward_pre_hook(before_model)
+        self.model.register_forward_hook(after_model)
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(before_block(i))
+            block.register_forward_hook(after_block(i))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def model_state_dict(self) -> dict:
+        """The full model state dict for rank 0 to save; every rank must call it. Stage 3 gathers one unit at a
+        time and rank 0 copies it to the CPU, so no rank ever holds more than one unit beyond its slices."""
+        if not self.units:
+            return self.model.state_dict()
+        copies = {}
+        for unit in self.units:
+            self._wait_gathered(unit)
+            if self.rank == 0:
+                copies |= {id(p): p.detach().to("cpu", copy=True) for b in unit.buckets for p in b.params}
+            self._release(unit)
+        # keep_vars: the Parameters themselves, so a tied matrix (wte.weight, lm_head.weight) finds its one copy.
+        if self.rank != 0:
+            return {}
+        return {k: copies.get(id(v), v) for k, v in self.model.state_dict(keep_vars=True).items()}
+
+    def optimizer_shard(self) -> dict:
+        """This rank's AdamW state as pieces of the flattened parameters, {name: [(start, exp_avg, exp_avg_sq)]}:
+        independent of buckets, stage and world size, so any layout can rebuild its own slices from it.
+        At stage 0 every rank holds the same state: rank 0 saves it."""
+        pieces = {}
+        if self.stage == 0 and self.rank != 0:
+            return {"step": None, "pieces": pieces}
+        step = None
+        for b in self.buckets:
+            state = self.optimizer.state[b.shard]
+            step = float(state["step"])
+            lo, hi = b.owned_range(self.rank, self.stage == 0)
+            for name, start, stop, at in b.pieces(lo, hi):
+                here = slice(at, at + stop - start)
+                moments = (state["exp_avg"][here].clone(), state["exp_avg_sq"][here].clone())
+                pieces.setdefault(name, []).append((start, *moments))
+        return {"step": step, "pieces": pieces}
+
+    def load_optimizer_shards(self, shards: list) -> None:
+        """Rebuilds this rank's AdamW state from the shards of any earlier layout (any world size or stage)."""
+        step, found = merge_shards(shards)
+        state = []
+        for b in self.buckets:
+            exp_avg, exp_avg_sq = torch.zeros_like(b.shard), torch.zeros_like(b.shard)
+            lo, hi = b.owned_range(self.rank, self.stage == 0)
+            for name, start, stop, at in b.pieces(lo, hi):
+                here = slice(at, at + stop - start)
+                fill_from_pieces(found, name, start, stop, exp_avg[here], exp_avg_sq[here])
+            state.append((b.shard, {"step": torch.tensor(step), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}))
+        load_adamw_state(self.optimizer, dict(state))
+
+
+def merge_shards(shards: list) -> tuple[float, dict]:
+    """The step count and {name: [(start, exp_avg, exp_avg_sq), ...]} of all the shards of one checkpoint."""
+    found = {}
+    for s in shards:
+        for name, pieces in s["pieces"].items():
+            found.setdefault(name, []).extend(pieces)
+    return next(s["step"] for s in shards if s["step"] is not None), found
+
+
+def fill_from_pieces(found: dict, name: str, start: int, stop: int, exp_avg: torch.Tensor,
+                     exp_avg_sq: torch.Tensor) -> None:
+    """Copies elements [start, stop) of parameter name's flattened moments out of the saved pieces."""
+    covered = 0
+    for piece_start, avg, avg_sq in found.get(name, []):
+        a, z = max(start, piece_start), min(stop, piece_start + avg.numel())
+        if a < z:
+            exp_avg[a - start:z - start] = avg[a - piece_start:z - piece_start]
+            exp_avg_sq[a - start:z - start] = avg_sq[a - piece_start:z - piece_start]
+            covered += z - a
+    if covered != stop - start:
+        raise SystemExit(f"the optimizer shards hold {covered} of the {stop - start} values of {name} that this rank "
+                         "needs: a shard is missing or comes from another run")
+
+
+def load_adamw_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Installs {param: AdamW state} through load_state_dict, which puts each tensor where the optimizer wants it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.load_state_dict({"state": {i: state[p] for i, p in enumerate(params)},
+                               "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def param_groups(params: list, weight_decay: float) -> list:
+    """(params, weight_decay) pairs. Weight decay only on matrices (linear and embedding weights); decaying
+    gains of RMSNorm or biases just pulls them toward 0 for no regularisation benefit (nanoGPT, and the AdamW
+    paper's practice). model.parameters() lists a tied matrix once."""
+    groups = [([p for p in params if p.dim() >= 2], weight_decay), ([p for p in params if p.dim() < 2], 0.0)]
+    return [(group, wd) for group, wd in groups if group]
+
+
+class FSDP2:
+    """Engine's interface on PyTorch's own fully_shard (FSDP2): each block and then the root become sharded
+    modules whose parameters are DTensors split along dim 0, gathered around each block as in stage 3. The
+    production path for users who outgrow the handwritten one, and the reference stage 3 is tested against."""
+
+    def __init__(self, model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple, fused: bool):
+        from torch.distributed.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        self.model, self.rank, self.world = model, dist.get_rank(), dist.get_world_size()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": group, "weight_decay": wd} for group, wd in param_groups(self.params, weight_decay)]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    def set_sync(self, sync: bool) -> None:
+        """FSDP2 reduce-scatters every micro-batch by default, as stage 3 does: nothing to decide."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        try:
+            loss.backward()
+        except RuntimeError as e:
+            raise lost_a_rank(e) from None
+
+    def step(self, lr: float, grad_clip: float, scaler: torch.amp.GradScaler) -> torch.Tensor:
+        scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip if grad_clip > 0 else float("inf"))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def comm_stats(self) -> dict:
+        return {"comm_bytes": None, "comm_wait_s": None}  # inside FSDP2, not counted here
+
+    def theory_bytes(self, micro_batches: int) -> float:
+        params = sum(p.numel() * p.element_size() for p in self.params) * (self.world - 1) / self.world
+        return 3 * micro_batches * params
+
+    def model_state_dict(self) -> dict:
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
+
+    def _local_range(self, p) -> tuple[int, int]:
+        """Elements [start, stop) of p's flattened values that this rank holds: FSDP2 gives rank r the rows
+        of torch.chunk(p, world)[r], that is ceil(rows / world) rows from row r * ceil(rows / world)."""
+        rows = p.shape[0]
+        per_row = p.numel() // rows
+        chunk = -(-rows // self.world)
+        first, last = min(self.rank * chunk, rows), min((self.rank + 1) * chunk, rows)
+        return first * per_row, last * per_row
+
+    def optimizer_shard(self) -> dict:
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        pieces, step = {}, None
+        for p in self.params:
+            state = self.optimizer.state[p]
+            step = float(state["step"])
+            start, stop = self._local_range(p)
+            if start < stop:
+                pieces[names[id(p)]] = [(start, state["exp_avg"].to_local().reshape(-1).clone(),
+                                         state["exp_avg_sq"].to_local().reshape(-1).clone())]
+        return {"step": step, "pieces": pieces}
+
+    def load_optimizer_shards(self, shards: list) -> None:
+        from torch.distributed.tensor import DTensor
+        step, found = merge_shards(shards)
+        state = {}
+        for name, p in self.model.named_parameters():
+            local = p.to_local()
+            exp_avg, exp_avg_sq = torch.zeros_like(local), torch.zeros_like(local)
+            start, stop = self._local_range(p)
+            if start < stop:
+                fill_from_pieces(found, name, start, stop, exp_avg.view(-1), exp_avg_sq.view(-1))
+            as_dtensor = lambda t: DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            state[p] = {"step": torch.tensor(step), "exp_avg": as_dtensor(exp_avg),
+                        "exp_avg_sq": as_dtensor(exp_avg_sq)}
+        load_adamw_state(self.optimizer, state)

@@ -5,6 +5,7 @@ train.py: pretrain a myllm Transformer on one CPU, one GPU, or many GPUs.
     python train.py config/cpu_demo.py --max_iters=200 --compile=True   # --key=value overrides
     python train.py config/cpu_demo.py --init_from=resume       # continue from out_dir/ckpt.pt
     torchrun --nproc_per_node=6 train.py config/pretrain.py     # data parallel (NCCL, or gloo on CPU)
+    torchrun --nproc_per_node=6 train.py config/pretrain.py --zero_stage=3   # ZeRO-3 (parallel.py)
 
 A flat script in nanoGPT's shape: configuration, distributed set-up, data, model, optimizer,
 evaluation, the loop. The one idea: an optimizer step consumes one *global batch* of
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import parallel
+from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
+                      check_same_on_all_ranks, destroy, init_distributed)
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -64,6 +66,9 @@ dtype = "auto"  # "auto": bfloat16 on a GPU that has it, else float32; or float3
 compile = False  # torch.compile the model (first step compiles for a while)
 seed = 1337
 dist_timeout_s = 600.0  # a collective waiting longer than this fails instead of hanging
+zero_stage = 0  # 0 DDP, 1 shard optimizer state, 2 + gradients, 3 + parameters (parallel.py)
+parallel = "handwritten"  # or "fsdp2": PyTorch's fully_shard (needs torchrun)
+bucket_mb = 25.0  # gradient bucket size of stages 0-2: big enough to amortise each collective's latency
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
 DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
@@ -145,11 +150,12 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device: str) -> dict:
+def load_checkpoint(path: str, device: str, mmap: bool = False) -> dict:
     """The checkpoint at path, or one clear sentence if it is torn or not a checkpoint. weights_only: a
-    checkpoint is data, and unpickling arbitrary objects from a file would run code."""
+    checkpoint is data, and unpickling arbitrary objects from a file would run code. mmap: tensors are read
+    from disk only when touched (each rank reads only its slices out of every optimizer shard)."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:
         raise SystemExit(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
@@ -172,9 +178,9 @@ def main(argv: list[str]) -> None:
     c = config  # short alias for the loop below
 
     # ---- processes and devices ----------------------------------------------------------------
-    rank, local_rank, world_size = parallel.init_distributed(c["dist_timeout_s"])
+    rank, local_rank, world_size = init_distributed(c["dist_timeout_s"])
     master = rank == 0
-    parallel.check_same_on_all_ranks(config, "config")
+    check_same_on_all_ranks(config, "config")
     if c["gradient_accumulation_steps"] % world_size:
         raise SystemExit(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the "
                          f"number of processes ({world_size}): each process does an equal share of the micro-batches")
@@ -188,6 +194,20 @@ def main(argv: list[str]) -> None:
         dtype_name = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype_name not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype_name}'")
+    if c["parallel"] not in ("handwritten", "fsdp2"):
+        raise SystemExit(f"parallel must be 'handwritten' or 'fsdp2', got '{c['parallel']}'")
+    if c["zero_stage"] not in (0, 1, 2, 3):
+        raise SystemExit(f"zero_stage must be 0, 1, 2 or 3, got {c['zero_stage']}")
+    if c["parallel"] == "fsdp2" and c["zero_stage"] != 0:
+        raise SystemExit("zero_stage is for parallel='handwritten'; fsdp2 always shards as stage 3 does")
+    if c["parallel"] == "fsdp2" and world_size == 1:
+        raise SystemExit("parallel='fsdp2' needs a process group: launch with torchrun (even --nproc_per_node=1)")
+    if dtype_name == "float16" and (c["zero_stage"] > 0 or c["parallel"] == "fsdp2"):
+        # GradScaler would see only this rank's slice of the gradient, and ranks could disagree on skipping a step.
+        raise SystemExit("dtype=float16 needs the handwritten zero_stage=0 (loss scaling sees the whole gradient "
+                         "only there): use bfloat16")
+    if c["compile"] and c["zero_stage"] == 3:
+        raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
     ptdtype = getattr(torch, dtype_name)
     # Autocast runs matmuls in bf16/fp16 while the weights, optimizer state and reductions stay in
     # fp32 (mixed precision, Micikevicius et al. 2018). On the CPU bf16 is emulated and ~15x slower.
@@ -257,30 +277,39 @@ def main(argv: list[str]) -> None:
     model = Transformer(model_config).to(device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-    parallel.broadcast_parameters(model)
+    broadcast_parameters(model)
 
-    # Weight decay only on matrices (linear and embedding weights); decaying gains of RMSNorm or
-    # biases just pulls them toward 0 for no regularisation benefit (nanoGPT, and the AdamW paper's
-    # practice). model.parameters() lists a tied matrix once.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel does the whole update in one launch on the GPU.
-    optimizer = torch.optim.AdamW(groups, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=device_type == "cuda")
+    # The engine owns gradients, their communication and AdamW (with weight decay on matrices only). The
+    # fused kernel does the whole update in one launch on the GPU.
+    adamw = dict(lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=device_type == "cuda")
+    if c["parallel"] == "fsdp2":
+        engine = FSDP2(model, c["weight_decay"], **adamw)
+    else:
+        engine = Engine(model, c["weight_decay"], c["zero_stage"], bucket_mb=c["bucket_mb"], **adamw)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if "optimizer_shards" not in checkpoint:
+            raise SystemExit(f"resume: {ckpt_path} has no optimizer shards (written by an older train.py)")
+        shards = []
+        for name in checkpoint["optimizer_shards"]:
+            shard_path = os.path.join(c["out_dir"], name)
+            if not os.path.isfile(shard_path):
+                raise SystemExit(f"resume: {shard_path} is missing; {ckpt_path} needs all "
+                                 f"{len(checkpoint['optimizer_shards'])} optimizer shards written with it")
+            shards.append(load_checkpoint(shard_path, "cpu", mmap=True))
+        engine.load_optimizer_shards(shards)
         rng_states = checkpoint["rng"]
         if rank < len(rng_states):  # a different world size keeps the seeded state for new ranks
             torch.set_rng_state(rng_states[rank]["cpu"].cpu())
             if device_type == "cuda" and rng_states[rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(rng_states[rank]["cuda"].cpu())
-    checkpoint = None  # free the loaded copy
+    checkpoint = shards = None  # free the loaded copies
     train_model = torch.compile(model) if c["compile"] else model
 
     moe = len(model.moe_layers()) > 0
     flops_per_token = model.estimate_flops()
     peak = peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * block_size
+    comm_theory = engine.theory_bytes(accum_steps)
     if master:
         print(json.dumps(config, indent=1))
         active = f" ({model.num_params(active=True) / 1e6:.2f}M active)" if moe else ""
@@ -310,7 +339,7 @@ def main(argv: list[str]) -> None:
                 nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
                 nbytes = token_bytes[y.flatten()]
                 sums += torch.stack([nats.sum(), nats.new_tensor(nats.numel()), (nats * (nbytes > 0)).sum(), nbytes.sum()])
-            parallel.all_reduce_sum(sums)
+            all_reduce_sum(sums)
             out[f"{split}_loss"] = (sums[0] / sums[1]).item()
             out[f"{split}_bpb"] = (sums[2] / (math.log(2) * sums[3])).item()
         model.train()
@@ -325,8 +354,6 @@ def main(argv: list[str]) -> None:
     bar = tqdm(total=c["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
     while True:
         lr = get_lr(iter_num, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
             losses = evaluate()
             improved = losses["val_loss"] < best_val_loss
@@ -336,20 +363,32 @@ def main(argv: list[str]) -> None:
                           f"val {losses['val_bpb']:.4f} bits per byte")
                 log_metrics({"iter": iter_num, **losses, "elapsed_s": time.time() - t_start})
             if iter_num > start_iter and (improved or c["always_save_checkpoint"]):
-                rng = parallel.all_gather_objects({"cpu": torch.get_rng_state(),
-                                                   "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None})
+                # Each rank writes its optimizer shard first; once every shard is complete, rank 0 writes ckpt.pt
+                # naming them, then removes older shards. A kill at any point leaves a ckpt.pt whose shards exist.
+                full_model = engine.model_state_dict()  # every rank takes part: stage 3 gathers
+                shard_names = [f"optimizer.{iter_num}.{r}-of-{world_size}.pt" for r in range(world_size)]
+                save_checkpoint(os.path.join(c["out_dir"], shard_names[rank]), engine.optimizer_shard())
+                rng = all_gather_objects({"cpu": torch.get_rng_state(),
+                                          "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None})
                 if master:
                     save_checkpoint(ckpt_path, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "model": full_model, "optimizer_shards": shard_names, "zero_stage": c["zero_stage"],
+                        "parallel": c["parallel"], "world_size": world_size,
                         "model_config": asdict(model_config), "config": config, "iter_num": iter_num,
                         "best_val_loss": best_val_loss, "tokenizer_sha256": meta["tokenizer_sha256"], "rng": rng})
+                    for name in os.listdir(c["out_dir"]):
+                        if name.startswith("optimizer.") and name.endswith(".pt") and name not in shard_names:
+                            os.remove(os.path.join(c["out_dir"], name))
+                full_model = None
         if iter_num >= c["max_iters"]:
             break
 
         t0 = time.time()
+        engine.comm_stats()  # count this step's traffic only, not the evaluation's
         starts = batch("train", iter_num, c["gradient_accumulation_steps"] * c["batch_size"], stream=0)
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(accum_steps):
+            engine.set_sync(micro_step == accum_steps - 1)  # decided before the forward, as DDP's no_sync
             # Micro-batch m of rank r is block m * world_size + r of the global batch: the ranks
             # together cover exactly the rows one process would read, whatever the world size.
             lo = (micro_step * world_size + rank) * c["batch_size"]
@@ -358,39 +397,38 @@ def main(argv: list[str]) -> None:
                 _, loss = train_model(x, y)
             # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro
             # batches makes the accumulated gradient the mean over the whole global batch.
-            scaler.scale(loss / accum_steps).backward()
+            engine.backward(scaler.scale(loss / accum_steps))
             loss_sum += loss.detach()
-        parallel.all_reduce_gradients(model)
-        scaler.unscale_(optimizer)
-        # The norm of the whole (already averaged, so identical on every rank) gradient vector;
-        # with clipping off it is still computed, for the log.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"] if c["grad_clip"] > 0 else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # Averaged over the ranks, clipped on the global norm (still computed with clipping off, for the log).
+        grad_norm = engine.step(lr, c["grad_clip"], scaler)
+        comm = engine.comm_stats()
         if moe:
             # Auxiliary-loss-free balancing (model.Gate) from the tokens each expert got in this step's whole
             # global batch: summed over the ranks, so every replica moves its biases identically.
-            expert_load = parallel.all_reduce_sum(model.expert_load())
+            expert_load = all_reduce_sum(model.expert_load())
             model.update_expert_bias(expert_load)
         iter_num += 1
         bar.update(1)
 
         if iter_num % c["log_interval"] == 0:
-            loss = parallel.all_reduce_sum(loss_sum / accum_steps).item() / world_size
+            loss = all_reduce_sum(loss_sum / accum_steps).item() / world_size
             dt = time.time() - t0  # .item() above waited for the device, so this is the real step time
             tokens_per_s = tokens_per_iter / dt
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 record = {"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                          "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": time.time() - t_start}
+                          "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": time.time() - t_start,
+                          **comm, "comm_bytes_theory": comm_theory}  # per rank, this step
                 if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
                     record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
                 log_metrics(record)
     bar.close()
-    parallel.destroy()
+    destroy()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        destroy(wait_for_others=False)  # after an error too: a process group left alive can abort the exit

@@ -1,0 +1,282 @@
+"""parallel.py: every ZeRO stage computes the step one process computes, holds 1/N of what it shards, resumes
+at any world size, and fails clearly. The equality tests run train.py end to end under torchrun; the memory
+and unused-parameter checks run this file itself as a torchrun script (the __main__ part at the bottom),
+which checks every stage in one launch against plain torch.optim.AdamW on the whole batch in the same process."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sample import load_model
+from test_train import ROOT, TINY, assert_same_weights, run, step_losses, weights
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone")
+MLA_MOE = ["--attn=mla", "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=4", "--v_head_dim=8",
+           "--n_routed_experts=4", "--num_experts_per_tok=2", "--n_group=2", "--topk_group=1", "--moe_inter_dim=16",
+           "--bias_update_rate=0.01", "--balance_loss_coef=0.01"]
+
+
+def torchrun(n):
+    return (*TORCHRUN, f"--nproc_per_node={n}")
+
+
+def test_every_stage_matches_one_process_and_stage_3_matches_fsdp2(tmp_path, prepared_data):
+    # MLA and MoE, accumulation, a clip tight enough to act, weight decay, buckets small enough to make many.
+    # The expert biases move after every step from token counts summed over the ranks, so they (and with them
+    # the routing of the next step) must come out the same as in one process.
+    common = [*TINY, *MLA_MOE, f"--data_dir={prepared_data}", "--max_iters=3", "--eval_interval=3",
+              "--gradient_accumulation_steps=4", "--grad_clip=0.5", "--bucket_mb=0.02"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    one = weights(tmp_path / "one")
+    steps = one["layers.1.ffn.gate.bias"] / 0.01  # each update moves a bias by -1, 0 or +1 times the rate
+    assert steps.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3
+    for name, args in [("zero0", ["--zero_stage=0"]), ("zero1", ["--zero_stage=1"]), ("zero2", ["--zero_stage=2"]),
+                       ("zero3", ["--zero_stage=3"]), ("fsdp2", ["--parallel=fsdp2"])]:
+        run([*common, *args, f"--out_dir={tmp_path}/{name}"], launcher=torchrun(2))
+        assert_same_weights(one, weights(tmp_path / name), tol=1e-6)
+        assert step_losses(tmp_path / name) == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
+    assert_same_weights(weights(tmp_path / "zero3"), weights(tmp_path / "fsdp2"), tol=1e-6)
+    for stage in range(4):
+        with open(tmp_path / f"zero{stage}" / "metrics.jsonl") as f:
+            records = [r for r in map(json.loads, f) if "loss" in r]
+        assert len(records) == 3 and all(len(r["expert_load_max_over_mean"]) == 1 for r in records)
+        for r in records:  # bytes sent against the ZeRO paper's count; padding adds < 1 KB here
+            if stage < 3:
+                assert r["comm_bytes_theory"] <= r["comm_bytes"] < r["comm_bytes_theory"] + 4096
+            else:  # the root (embedding, head) is gathered once per micro-batch, not twice
+                assert 0.5 * r["comm_bytes_theory"] < r["comm_bytes"] <= r["comm_bytes_theory"] + 4096
+            assert r["comm_wait_s"] >= 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zero_stage=4"], "zero_stage must be 0, 1, 2 or 3, got 4"),
+    (["--parallel=deepspeed"], "parallel must be 'handwritten' or 'fsdp2', got 'deepspeed'"),
+    (["--parallel=fsdp2"], "parallel='fsdp2' needs a process group"),
+    (["--parallel=fsdp2", "--zero_stage=2"], "zero_stage is for parallel='handwritten'"),
+    (["--dtype=float16", "--zero_stage=1"], "dtype=float16 needs the handwritten zero_stage=0"),
+    (["--compile=True", "--zero_stage=3"], "compile=True does not go with zero_stage=3"),
+])
+def test_bad_parallel_settings_are_one_clear_error(args, message):
+    result = run(args, check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoint_of_two_ranks_resumes_on_three_and_on_one(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", "--eval_interval=3", "--gradient_accumulation_steps=6",
+              "--bucket_mb=0.02"]
+    run([*common, "--zero_stage=2", f"--out_dir={tmp_path}/straight", "--max_iters=6"], launcher=torchrun(2))
+    run([*common, "--zero_stage=2", f"--out_dir={tmp_path}/saved", "--max_iters=3"], launcher=torchrun(2))
+    assert sorted(n for n in os.listdir(tmp_path / "saved") if n.startswith("optimizer.")) == \
+        ["optimizer.3.0-of-2.pt", "optimizer.3.1-of-2.pt"]
+    # Other world sizes and other stages, FSDP2 too: the shards are pieces of the flat parameters, not of buckets.
+    for resumed, args, launcher in [("on3", ["--zero_stage=3"], torchrun(3)), ("on1", ["--zero_stage=0"], (sys.executable,)),
+                                    ("fsdp2", ["--parallel=fsdp2"], torchrun(2))]:
+        shutil.copytree(tmp_path / "saved", tmp_path / resumed)
+        run([*common, *args, f"--out_dir={tmp_path}/{resumed}", "--max_iters=6", "--init_from=resume"], launcher=launcher)
+    straight = step_losses(tmp_path / "straight")
+    for resumed in ("on3", "on1", "fsdp2"):
+        losses = step_losses(tmp_path / resumed)
+        assert all(abs(losses[i] - straight[i]) < 1e-5 for i in (4, 5, 6)), (resumed, losses, straight)
+    # ckpt.pt holds the whole model whatever the stage: sample.py loads a stage-3 checkpoint of 3 ranks as it is.
+    model, _ = load_model(str(tmp_path / "on3"), "cpu")
+    assert_same_weights(model.state_dict(), weights(tmp_path / "on3"), tol=0)
+    # A missing or torn shard is one sentence, not a traceback.
+    os.remove(tmp_path / "saved" / "optimizer.3.1-of-2.pt")
+    result = run([*common, f"--out_dir={tmp_path}/saved", "--max_iters=6", "--init_from=resume"], check=False)
+    assert result.returncode == 1 and "optimizer.3.1-of-2.pt is missing" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "saved" / "optimizer.3.1-of-2.pt").write_bytes(b"torn")
+    result = run([*common, f"--out_dir={tmp_path}/saved", "--max_iters=6", "--init_from=resume"], check=False)
+    assert result.returncode == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_match_one_process(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=2", "--eval_interval=2", "--gradient_accumulation_steps=2",
+              "--zero_stage=1"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    port, env = free_port(), dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [open(tmp_path / f"node{node}.log", "w") for node in (0, 1)]
+    nodes = [subprocess.Popen([*TORCHRUN[:-1], "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                               f"--rdzv_endpoint=127.0.0.1:{port}", os.path.join(ROOT, "train.py"), *common,
+                               f"--out_dir={tmp_path}/two"], cwd=ROOT, env=env, stdout=logs[node], stderr=subprocess.STDOUT)
+             for node in (0, 1)]
+    for node, log in zip(nodes, logs):
+        assert node.wait(timeout=120) == 0, open(log.name).read()[-3000:]
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), tol=1e-6)
+
+
+def launch_by_hand(args, world_size, port):
+    """The ranks as plain processes, as a cluster scheduler starts them: no torchrun agent tears the group down."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size))
+    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args[rank]], cwd=ROOT, text=True,
+                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("failure", ["dies", "hangs"])
+def test_a_rank_that_dies_or_hangs_makes_the_other_exit_clearly(tmp_path, prepared_data, failure):
+    args = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--max_iters=100000", "--eval_interval=100000",
+            "--gradient_accumulation_steps=2", "--zero_stage=2", "--dist_timeout_s=5"]
+    rank0, rank1 = launch_by_hand([args, args], 2, free_port())
+    try:
+        metrics = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.time() + 60
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(rank1.pid, signal.SIGKILL if failure == "dies" else signal.SIGSTOP)
+        t0 = time.time()
+        assert rank0.wait(timeout=30) == 1
+        assert time.time() - t0 < 5 + 10
+        stderr = rank0.stderr.read()
+        assert "rank 0: a collective failed, so another rank died or stopped answering" in stderr and "Traceback" not in stderr
+    finally:
+        for p in (rank0, rank1):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_ranks_with_different_configs_refuse_to_start(tmp_path, prepared_data):
+    args = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--max_iters=2"]
+    ranks = launch_by_hand([args, [*args, "--learning_rate=1e-2"]], 2, free_port())
+    for p in ranks:
+        assert p.wait(timeout=60) == 1
+        stderr = p.stderr.read()
+        assert "the ranks disagree on the config" in stderr and "Traceback" not in stderr
+
+
+def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    result = subprocess.run([*torchrun(3), os.path.abspath(__file__)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("stage ok") == 3 * 4
+
+
+# ---- the torchrun script: every stage against plain AdamW, with odd sizes and a parameter that sometimes gets no gradient
+class ToyBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm_gain = nn.Parameter(torch.ones(dim))
+        self.mix = nn.Linear(dim, dim)  # 7 x 7 + 7: odd sizes, so every bucket needs padding for 3 ranks
+        self.rare = nn.Linear(dim, dim, bias=False)  # used only by batches whose first value is positive
+
+    def forward(self, x):
+        y = torch.tanh(self.mix(x * self.norm_gain))
+        self.used_rare = bool(x[0, 0, 0] > 0)
+        return x + (self.rare(y) if self.used_rare else 0)
+
+
+class Toy(nn.Module):
+    def __init__(self, dim=7, vocab=13, n_layer=3):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(ToyBlock(dim) for _ in range(n_layer))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in model.py
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def held_bytes(tensors):
+    """Bytes of the distinct storages behind tensors (views of one flat buffer count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
+def check_every_stage():
+    import torch.distributed as dist
+
+    import parallel
+
+    parallel.init_distributed(60)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    batches = [torch.randint(0, 13, (world * 2, 5)) for _ in range(3)]  # 3 steps, 2 micro-batches per rank
+    batches[1][:, 0] = 0  # make sure some micro-batches skip `rare` (token 0's embedding is flipped below)
+
+    def loss_of(model, idx):
+        return nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+
+    def fresh():
+        torch.manual_seed(1)
+        model = Toy()
+        with torch.no_grad():
+            model.wte.weight[0] = -model.wte.weight[0].abs()
+        return model
+
+    reference = fresh()
+    params = list(reference.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+    mixed = 0  # steps where some ranks use a block's `rare` and others do not
+    for idx in batches:
+        used = []
+        for micro in range(2 * world):
+            (loss_of(reference, idx[micro:micro + 1]) / (2 * world)).backward()
+            used.append([block.used_rare for block in reference.layers])
+        by_rank = [[any(used[m * world + r][i] for m in range(2)) for r in range(world)] for i in range(3)]
+        mixed += sum(len(set(ranks)) == 2 for ranks in by_rank)
+        for p in params:  # a parameter no micro-batch used counts as a zero gradient, as in the engine
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert mixed > 0
+    total = sum(p.numel() for p in params) * 4
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    for stage in range(4):
+        model = fresh()
+        engine = parallel.Engine(model, 0.1, stage, lr=1e-2, betas=(0.9, 0.999), fused=False, bucket_mb=0.0005)
+        block_bytes = sum(p.numel() * 4 for p in model.layers[0].parameters())
+        in_forward = []
+        for block in model.layers:
+            block.register_forward_pre_hook(lambda m, a: in_forward.append(held_bytes([b.flat for b in engine.buckets])))
+        for idx in batches:
+            for micro in range(2):
+                engine.set_sync(micro == 1)
+                row = micro * world + rank  # the same rows of the global batch as the reference, split over ranks
+                engine.backward(loss_of(model, idx[row:row + 1]) / 2)
+                if stage >= 2:  # no full gradient survives the backward, only this rank's slices
+                    assert all(p.grad is None for p in model.parameters()) and all(b.staging is None for b in engine.buckets)
+                    assert held_bytes([b.shard.grad for b in engine.buckets]) <= total / world + 4 * len(engine.buckets)
+            engine.step(1e-2, 0.05, scaler)
+        moments = [t for s in engine.optimizer.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+        expected_optimizer = 2 * total / (world if stage > 0 else 1)
+        assert expected_optimizer <= held_bytes(moments) <= expected_optimizer + 8 * len(engine.buckets)
+        if stage == 3:
+            # Between steps only the slices exist; inside the forward at most the root and two blocks are whole.
+            assert held_bytes([b.flat for b in engine.buckets]) == 0
+            assert held_bytes([b.shard for b in engine.buckets]) <= total / world + 4 * len(engine.buckets)
+            root_bytes = sum(b.flat.numel() * 4 for b in engine.units[-1].buckets)
+            assert max(in_forward) <= root_bytes + 2 * block_bytes + 64
+        state = engine.model_state_dict()  # at stage 3 only rank 0 gets it (the one that saves it)
+        assert state or (stage == 3 and rank != 0)
+        for name, p in reference.named_parameters() if state else []:
+            assert torch.allclose(state[name], p.detach(), atol=1e-6, rtol=0), (stage, name, (state[name] - p).abs().max())
+        print(f"stage ok {stage}", flush=True)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    check_every_stage()
