@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import sysconfig
@@ -453,8 +454,9 @@ def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
 worker = {}  # per process: the paths, the shard plan, the arguments; the tokenizer once loaded
 
 
-def init_worker(job: dict):
-    worker.update(job)
+def init_worker(job_path: str):
+    with open(job_path, "rb") as f:
+        worker.update(pickle.load(f))
 
 
 def shard_documents(k: int, log: Log):
@@ -934,10 +936,13 @@ def main(argv=None):
 def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]], sizes: list[int],
             out: Path, work: Path):
     started = time.time()
-    job = {"paths": paths, "shards": shards, "args": args, "work": str(work)}
+    # The workers read the shard plan from a file: passed as an argument, its ~100 KB would fill the pipe
+    # to each new worker, and the pool would wait for one worker's start-up before launching the next.
+    with open(work / "job.pkl", "wb") as f:
+        pickle.dump({"paths": paths, "shards": shards, "args": args, "work": str(work)}, f)
     # spawn: fresh workers that inherit no threads or locks from this process (fork would copy tqdm's
     # monitor thread, and in a test run torch's thread pools too).
-    with get_context("spawn").Pool(args.workers, init_worker, (job,)) as pool:
+    with get_context("spawn").Pool(args.workers, init_worker, (str(work / "job.pkl"),)) as pool:
         done = finished(work / "scan", len(shards))
         if done:
             print(f"resuming: {len(done)} of {len(shards)} shards already scanned")
