@@ -15,7 +15,9 @@ Three models of cpu_demo's shape (4 layers, 256 wide, 4 heads, block 256, vocab 
     both produced the same tokens;
   - KV-cache bytes per token (MHA of the same width added for scale).
 Then both generators once more on the dense model shrunk to 32 wide, where the matmuls cost next to nothing:
-what a step costs besides them. --threads sets torch's threads (default: all cores).
+what a step costs besides them; and the floor under both: the dense model's matrix-vector products alone, and
+how fast this machine streams weights through them as their total size grows past its share of the CPU cache.
+--threads sets torch's threads (default: all cores).
 The one idea: compare like with like. Same active parameters, same machine, ours and theirs in alternation,
 best of five runs each (the machine is shared; the best run is the one least disturbed).
 """
@@ -121,6 +123,20 @@ def generation(name: str, work: str, **shape) -> dict:
             "same_tokens": torch.equal(outputs["ours"], outputs["theirs"])}
 
 
+def streaming_ms(weights: list[torch.Tensor], repeats: int = 20) -> float:
+    """Best milliseconds of one pass of 1-token matrix-vector products over weights, in order, as a decode step
+    makes them: after the first pass, each weight is read again only after all the others."""
+    inputs = {w.size(1): torch.randn(1, 1, w.size(1)) for w in weights}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.size(1)], w)
+            best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -157,6 +173,16 @@ def main() -> None:
     print(f"\nKV cache of MHA at the same width (4 kv heads): {KVCache.bytes_per_token(mha):,} bytes/token (fp32)")
     print(f"Overhead alone (the dense model at 32 wide, vocab 64): ours {overhead['ours']:,.0f} tokens/s, "
           f"transformers {overhead['theirs']:,.0f} ({overhead['ours'] / overhead['theirs']:.2f}x)")
+    dense = [m.weight for m in make_model("dense").modules() if isinstance(m, torch.nn.Linear)]
+    floor_ms, theirs = streaming_ms(dense), rows[0][3]["theirs"]
+    print(f"\nThe dense model's {len(dense)} matrix-vector products alone ({sum(w.numel() for w in dense) * 4 / 1e6:.1f} "
+          f"MB of weights): {floor_ms:.2f} ms per token, so no library passes {1e3 / floor_ms:,.0f} tokens/s; against "
+          f"transformers' {theirs:,.0f} that is at most {1e3 / floor_ms / theirs:.2f}x.\n")
+    print("| weights streamed per pass | GB/s |")
+    print("|---|---|")
+    for mb in (2, 4, 8, 12, 16, 24, 32):
+        weights = [torch.randn(256, 256) for _ in range(mb * 4)]  # 256 KB each
+        print(f"| {mb} MB | {mb * 2**20 / streaming_ms(weights) / 1e6:.1f} |")
 
 
 if __name__ == "__main__":
