@@ -40,6 +40,9 @@ PIECE_BYTES = 4096  # size of the 'sentences' fed to the trainer (its max_senten
 MAX_TRAIN_BYTES = 100_000_000
 MIN_CHARACTER_COVERAGE = 0.98  # the lowest sentencepiece accepts
 REPEATED_RUN = re.compile(r"(.)\1{%d,}" % MAX_PIECE_CHARS, re.DOTALL)
+# encode_batch() hands sentencepiece strings of at least this many characters, cut after a newline (see there).
+ENCODE_PIECE_CHARS = 256
+ENCODE_PIECES = re.compile(r".{%d,}?\n|.+" % ENCODE_PIECE_CHARS, re.DOTALL)  # the last piece may end anywhere
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -180,15 +183,29 @@ class Tokenizer:
         return [BOS_ID] * bos + self.encode_batch([text], num_threads=1)[0] + [EOS_ID] * eos
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        """Encode many texts at once on num_threads threads (default: all cores)."""
-        parts = [text.split(SPACE_MARK) for text in texts]
-        encoded = iter(self.sp.encode([p for ps in parts for p in ps],
-                                      num_threads=num_threads or os.cpu_count()))
+        """Encode many texts at once on num_threads threads (default: all cores).
+
+        sentencepiece gets each text in pieces of a few hundred characters, each ending after a newline: its BPE
+        spends more per character the longer the string it is given (whole source files encode ~25% slower than
+        the same text in such pieces), and the cuts change no token, since no merge spans a '\n' (a
+        user-defined symbol). A text is also cut at each literal '▁', which goes in as its bytes (SPACE_MARK).
+        """
+        pieces, counts = [], []  # counts[i][j]: how many pieces part j of text i (between '▁'s) became
+        for text in texts:
+            counts.append([])
+            for part in text.split(SPACE_MARK):
+                cut = ENCODE_PIECES.findall(part)
+                pieces += cut
+                counts[-1].append(len(cut))
+        encoded = iter(self.sp.encode(pieces, num_threads=num_threads or os.cpu_count()))
         out = []
-        for ps in parts:
-            ids = next(encoded)
-            for _ in ps[1:]:
-                ids += self.space_mark_ids + next(encoded)
+        for parts in counts:
+            ids = []
+            for j, n_pieces in enumerate(parts):
+                if j:
+                    ids += self.space_mark_ids
+                for _ in range(n_pieces):
+                    ids += next(encoded)
             out.append(ids)
         return out
 

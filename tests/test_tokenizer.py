@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from tokenizer import (BOS_ID, EOS_ID, FIXED_PIECES, IM_END_ID, IM_START_ID, MAX_PIECE_CHARS,
-                       MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PAD_ID, UNK_ID, Tokenizer, collapse_runs,
-                       line_chunks, token_dtype, train_tokenizer)
+from tokenizer import (BOS_ID, ENCODE_PIECES, EOS_ID, FIXED_PIECES, IM_END_ID, IM_START_ID,
+                       MAX_PIECE_CHARS, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, PAD_ID, UNK_ID, Tokenizer,
+                       collapse_runs, line_chunks, token_dtype, train_tokenizer)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,6 +117,23 @@ def test_encode_batch_matches_single_encodes(tok):
     assert tok.encode_batch(texts, num_threads=2) == [tok.encode(t) for t in texts]
     plain = [t for t in texts if "\u2581" not in t]  # sentencepiece itself is the reference here
     assert tok.encode_batch(plain) == [tok.sp.encode(t) for t in plain]
+
+
+def test_long_texts_encode_as_sentencepiece_encodes_them_whole(tok):
+    # encode_batch cuts texts after newlines into short pieces; the reference is sentencepiece on each
+    # '▁'-free part in one string.
+    rng = random.Random(1)
+    lines = CODE.splitlines(keepends=True) + [CHINESE, EMOJI, "\n", "\r\n", "  \t\n", "x\u2581y\n", "12 34\n"]
+    texts = ["".join(rng.choices(lines, k=rng.randrange(1, 200))) for _ in range(40)]
+    texts += ["a = 1 " * 200, "a = 1 " * 200 + "\n" + "b" * 300, CODE * 20 + "no newline at the end", "\n" * 600]
+    assert sum(len(ENCODE_PIECES.findall(t)) > 2 for t in texts) > 30  # the cuts are really exercised
+
+    def whole(text):
+        parts = [tok.sp.encode(part) for part in text.split("\u2581")]
+        return parts[0] + [i for part in parts[1:] for i in tok.space_mark_ids + part]
+
+    assert tok.encode_batch(texts, num_threads=2) == [whole(t) for t in texts]
+    assert all(tok.decode(ids) == t for ids, t in zip(tok.encode_batch(texts), texts))
 
 
 def test_token_bytes_sum_to_utf8_length(tok):
