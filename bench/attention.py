@@ -37,20 +37,6 @@ TOKENS = 16384
 WIDTH = 2048  # n_head * head_dim of the table's shapes, as in the FlashAttention-2 paper's benchmarks
 
 
-def reference(q, k, v, causal, window):
-    """Math attention in float64 on the GPU: K, V repeated per query head, the mask written out."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    T = q.size(2)
-    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
-    allowed = (j <= i) if causal else torch.ones(T, T, dtype=torch.bool, device=q.device)
-    if window is not None:
-        allowed &= j > i - window
-    scores = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~allowed, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
 def sdpa(q, k, v, causal, window):
     """PyTorch's attention for the same arguments; a window needs an explicit mask (so no flash kernel)."""
     if window is None:
@@ -79,6 +65,7 @@ def relative_error(actual, exact):
 
 def check_correctness(flash_attention):
     """Ours and SDPA against float64; returns whether every case passed."""
+    from kernels.attention_reference import reference_attention
     floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
     # (B, n_head, n_kv_head, T, d_qk, d_v, causal, window): T not a multiple of any tile, GQA 1..8, MLA dims.
     # fp16 and fp32 run the first two: the same code as bf16, and each (dtype, dims, causal) is a compile.
@@ -94,7 +81,8 @@ def check_correctness(flash_attention):
     for dtype, (B, n_head, n_kv_head, T, d_qk, d_v, causal, window) in runs:
         q, k, v = random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, dtype)
         dout = torch.randn(B, n_head, T, d_v, device="cuda", dtype=dtype)
-        exact = out_and_grads(lambda *x: reference(*x, causal, window), q, k, v, dout.double())
+        exact = out_and_grads(lambda *x: reference_attention(*x, causal=causal, window_size=window), q, k, v,
+                              dout.double())
         ours = out_and_grads(lambda *x: flash_attention(*x, causal=causal, window_size=window), q, k, v, dout)
         theirs = out_and_grads(lambda *x: sdpa(*x, causal, window), q, k, v, dout)
         ours_err = [relative_error(a, e) for a, e in zip(ours, exact)]

@@ -16,6 +16,10 @@ computed relative to m, so it is rescaled by exp(m - m') ("online softmax", Mila
 Memory drops from O(T^2) to O(T), and no (T, T) matrix ever travels to GPU memory and back, which is
 what makes it fast: unfused attention is limited by that memory traffic, not by its arithmetic.
 
+Read tiled_attention in kernels/attention_reference.py first: the same algorithm in plain PyTorch, with the
+same names (m_i, l_i, acc, alpha, base-2 scores, MIN_SCORE) and a Python loop over the query blocks that the GPU
+runs as one program each.
+
 Conventions used by every kernel below:
 - One program handles one tile: BLOCK_M query rows or BLOCK_N key rows of one (batch, head).
 - Scores are kept in base 2: s2 = q.k * softmax_scale * log2(e), so exp(s) = exp2(s2). exp2 is the
@@ -65,6 +69,13 @@ def _load_tile(base, rows, stride_row, cols, n_rows, N_COLS: tl.constexpr):
 def _store_tile(base, tile, rows, stride_row, cols, n_rows, N_COLS: tl.constexpr):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < N_COLS)
     tl.store(base + rows[:, None] * stride_row + cols[None, :], tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _batch_and_head(bh, n_heads):
+    """Batch and head of a grid index bh = batch * n_heads + head, in int64: batch * stride passes 2^31
+    elements in large inputs, where int32 pointer offsets would wrap."""
+    return (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
 
 
 @triton.jit
@@ -171,8 +182,7 @@ def _forward_kernel(Q, K, V, O, LSE,
     # Causal query blocks near the end see the most keys; starting them first shortens the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // n_head).to(tl.int64)
-    h = (bh % n_head).to(tl.int64)
+    b, h = _batch_and_head(bh, n_head)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + (h // group) * stride_kh
     v_base = V + b * stride_vb + (h // group) * stride_vh
@@ -219,8 +229,7 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, str
     """delta = rowsum(dO * O) in fp32, one program per (query block, batch * head)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // n_head).to(tl.int64)
-    h = (bh % n_head).to(tl.int64)
+    b, h = _batch_and_head(bh, n_head)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, offs_dv, T, D_V)
@@ -270,8 +279,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     kv head, so the group's sum of dK and dV happens in registers: no atomics, no per-head copies."""
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
-    b = (bkv // n_kv_head).to(tl.int64)
-    kvh = (bkv % n_kv_head).to(tl.int64)
+    b, kvh = _batch_and_head(bkv, n_kv_head)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -330,8 +338,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     """One program per (query block, batch * head), visiting the same key blocks as the forward."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest causal blocks first
     bh = tl.program_id(1)
-    b = (bh // n_head).to(tl.int64)
-    h = (bh % n_head).to(tl.int64)
+    b, h = _batch_and_head(bh, n_head)
     k_base = K + b * stride_kb + (h // group) * stride_kh
     v_base = V + b * stride_vb + (h // group) * stride_vh
     offs_m = start_m + tl.arange(0, BLOCK_M)

@@ -1,4 +1,5 @@
-"""Tests of kernels/: flash attention's output and gradients against float64 math attention.
+"""Tests of kernels/flash_attention.py: output and gradients against float64 math attention
+(kernels/attention_reference.py, tested in tests/test_attention_reference.py).
 
 Without a GPU the kernels run in Triton's CPU interpreter. conftest.py sets TRITON_INTERPRET before kernels is
 imported (@triton.jit reads it when a kernel is defined) and stay set (Triton reads it again at launch).
@@ -6,35 +7,18 @@ The interpreter computes bf16 wrongly (triton-lang/triton#11584), so bf16 is che
 bench/attention.py; here fp32 and fp16. Shapes are tiny: the interpreter runs programs one by one.
 """
 
-import math
-import os
-
 import pytest
 import torch
 
 from kernels import flash_attention  # TRITON_INTERPRET is set by conftest.py when there is no GPU
+from kernels.attention_reference import reference_attention, tiled_attention
+from kernels.flash_attention import _forward, launch_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Largest error allowed, relative to the largest entry of the float64 result (at least 1: with one visible
 # key dq and dk are exactly 0, and the kernel's are rounding noise). fp16 rounds the probabilities and dS to
 # 11-bit mantissas before their matmuls (as every flash attention does); fp32 keeps fp32 throughout.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3}
-
-
-def reference_attention(q, k, v, causal, softmax_scale, window_size):
-    """softmax(q k^T * scale) v in float64, written out: K and V repeated per query head, an explicit mask."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    T = q.size(2)
-    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed &= j <= i
-    if window_size is not None:
-        allowed &= j > i - window_size
-    scores = (q @ k.transpose(-2, -1) * softmax_scale).masked_fill(~allowed, float("-inf"))
-    return scores.softmax(dim=-1) @ v
 
 
 def random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, dtype, layout, seed=0):
@@ -84,13 +68,23 @@ def test_output_and_gradients_match_float64_reference(case):
     out.backward(dout)
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else softmax_scale
-    expected = reference_attention(q64, k64, v64, causal, scale, window_size)
+    expected = reference_attention(q64, k64, v64, causal, softmax_scale, window_size)
     expected.backward(dout.double())
     assert out.shape == (B, n_head, T, d_v) and out.dtype == dtype
     for name, actual, exact in (("out", out, expected), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
                                 ("dv", v.grad, v64.grad)):
         assert_close_to(actual, exact, dtype, name)
+
+
+def test_forward_matches_tiled_attention_with_the_same_tiles():
+    # tiled_attention is the forward's algorithm in plain PyTorch: given the kernel's tiles it visits the same key
+    # blocks, so the output and the log-sum-exp saved for the backward agree to fp32 rounding.
+    q, k, v = (x.detach() for x in random_qkv(1, 4, 2, 70, 32, 24, torch.float32, "bhtd"))
+    tiles = launch_tiles(32, 24, q.dtype, q.device)[0]
+    out, lse = _forward(q, k, v, True, 0.2, 20, tiles)
+    expected_out, expected_lse = tiled_attention(q, k, v, True, 0.2, 20, tiles.block_m, tiles.block_n)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=2e-5)
 
 
 def test_backward_is_bit_reproducible():

@@ -1,0 +1,95 @@
+"""Tests of kernels/attention_reference.py: tiled_attention, the flash forward's algorithm block by block, computes
+reference_attention's function; and reference_attention itself is PyTorch's scaled_dot_product_attention, so the
+float64 oracle that tests/test_kernels.py trusts is checked against an implementation that is not ours.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.attention_reference import reference_attention, tiled_attention
+
+# (B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, block_m, block_n): T ends mid-block
+# unless the name says otherwise, and block_m != block_n exercises the key-range arithmetic both ways round.
+CASES = {
+    "mha_causal_T37": (2, 2, 2, 37, 16, 16, True, None, None, 16, 8),
+    "gqa2_full_T50": (1, 4, 2, 50, 32, 32, False, None, None, 16, 32),
+    "gqa4_causal_dqk48_dv32": (1, 4, 1, 45, 48, 32, True, None, None, 8, 16),
+    "full_dqk24_dv40_scale1": (2, 2, 1, 30, 24, 40, False, None, 1.0, 32, 16),
+    "causal_T64_on_block_edges_scale0.3": (1, 2, 1, 64, 16, 16, True, None, 0.3, 32, 16),
+    "window1_sees_itself": (1, 2, 2, 17, 16, 16, True, 1, None, 8, 4),
+    "window5_smaller_than_blocks": (1, 2, 1, 70, 16, 16, True, 5, None, 32, 16),
+    "window40_spans_blocks_gqa2": (1, 4, 2, 100, 16, 8, True, 40, None, 16, 16),
+    "window_longer_than_T": (1, 2, 2, 20, 16, 16, True, 50, None, 8, 8),
+    "window3_one_key_per_block": (1, 2, 1, 19, 16, 16, True, 3, None, 5, 1),
+    "T1": (2, 2, 1, 1, 16, 16, True, None, None, 32, 16),
+}
+
+
+def random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, dtype):
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(B, n_head, T, d_qk, generator=gen, dtype=dtype),
+            torch.randn(B, n_kv_head, T, d_qk, generator=gen, dtype=dtype),
+            torch.randn(B, n_kv_head, T, d_v, generator=gen, dtype=dtype))
+
+
+def attn_mask(T, causal, window_size):
+    """The mask SDPA is given, built another way than the reference's: j <= i is the lower triangle, and of it
+    tril(-W) holds the keys W or more behind the query, the ones a window of W hides."""
+    if not causal:
+        return None
+    ones = torch.ones(T, T, dtype=torch.bool)
+    return ones.tril() if window_size is None else ones.tril() & ~ones.tril(-window_size)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_tiled_attention_equals_reference(case):
+    B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, block_m, block_n = case
+    q, k, v = random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, torch.float32)
+    out, lse = tiled_attention(q, k, v, causal, softmax_scale, window_size, block_m=block_m, block_n=block_n)
+    expected = reference_attention(q, k, v, causal, softmax_scale, window_size)
+    assert out.shape == (B, n_head, T, d_v) and out.dtype == torch.float32 and lse.shape == (B, n_head, T)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+    # lse is base 2 (the kernel's units): times ln 2 it is the natural log-sum-exp of the row's scaled scores.
+    scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else softmax_scale
+    k64 = k.double().repeat_interleave(n_head // n_kv_head, dim=1)
+    scores = q.double() @ k64.transpose(-2, -1) * scale
+    mask = attn_mask(T, causal, window_size)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lse.double() * math.log(2), torch.logsumexp(scores, dim=-1), rtol=1e-6, atol=1e-5)
+
+
+def test_tiled_attention_accumulates_half_inputs_in_float32():
+    q, k, v = random_qkv(1, 2, 1, 40, 16, 16, torch.float16)
+    out, lse = tiled_attention(q, k, v, window_size=7, block_m=16, block_n=8)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    # Only the final rounding to fp16 (relative 2^-11) separates it from the exact result.
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, window_size=7), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_reference_equals_torch_sdpa(case):
+    B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, _, _ = case
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, torch.float64))
+    mask = attn_mask(T, causal, window_size)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, scale=softmax_scale,
+                                              enable_gqa=True)
+    out = reference_attention(q, k, v, causal, softmax_scale, window_size)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # tests/test_kernels.py checks the backward kernels against the reference's gradients: those too.
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(expected, (q, k, v), dout)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", [reference_attention, tiled_attention])
+@pytest.mark.parametrize("causal, window_size", [(False, 4), (True, 0)])
+def test_rejects_a_window_without_causal_or_below_one(attention, causal, window_size):
+    q, k, v = random_qkv(1, 2, 2, 8, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="window_size"):
+        attention(q, k, v, causal=causal, window_size=window_size)
