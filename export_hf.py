@@ -19,11 +19,12 @@ goes to a temporary name and is renamed into place, config.json last: a folder w
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import torch
 
+from checkpoint import load_model  # reads and checks the checkpoint and its tokenizer, with clear errors
+from files import atomic_write, copy_file
 from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -141,37 +142,26 @@ def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_atomic(path: str, write) -> None:
-    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def export(model: Transformer, tokenizer_path: str, out_dir: str, source: str = "") -> str:
     """Write the Hugging Face folder for model; returns the architecture. ValueError if none fits exactly."""
-    from safetensors.torch import save_file  # only the export needs it (the "hf" extra)
+    from safetensors.torch import save  # only the export needs it (the "hf" extra)
 
     arch = hf_architecture(model.config)
     config, weights = hf_config(model.config, arch), hf_state_dict(model, arch)
     os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(weights, p, metadata={"format": "pt"}))
-    write_atomic(os.path.join(out_dir, "tokenizer.model"), lambda p: shutil.copyfile(tokenizer_path, p))
+    with atomic_write(os.path.join(out_dir, "model.safetensors")) as f:
+        f.write(save(weights, metadata={"format": "pt"}))
+    copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
     readme = README.format(name=os.path.basename(os.path.abspath(out_dir)), ckpt=source, arch=arch, out=out_dir,
                            params=model.num_params(non_embedding=False), pad=PAD_ID, bos=BOS_ID, eos=EOS_ID)
-    write_atomic(os.path.join(out_dir, "README.md"), lambda p: write_text(p, readme))
-    write_atomic(os.path.join(out_dir, "config.json"), lambda p: write_text(p, json.dumps(config, indent=2) + "\n"))
+    with atomic_write(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(readme)
+    with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:  # last: a folder with config.json is complete
+        f.write(json.dumps(config, indent=2) + "\n")
     return arch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sample import load_model  # reads and checks the checkpoint and its tokenizer, with clear errors
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="out", help="out_dir of a training run (ckpt.pt + tokenizer.model)")
     parser.add_argument("--out", required=True, help="folder to write the Hugging Face model into")

@@ -289,16 +289,20 @@ def make_attention_mask(key_is_real, n_queries):
     return allowed[:, None], has_key[:, None]
 
 
+def softmax_attention(scores, v, allowed, dropout_p):
+    """The weighted sum of values under the softmax of scores (B, n_head, T, S) over the allowed keys."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = F.softmax(scores.float(), dim=-1).to(v.dtype)  # float32: exp() of bf16 scores is coarse
+    probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, n_head, T, d_v)
+
+
 def eager_attention(q, k, v, allowed, dropout_p, scale):
     """Softmax attention written out step by step; "sdpa" computes the same thing with fused kernels."""
     n_rep = q.size(1) // k.size(1)
     k = k.repeat_interleave(n_rep, dim=1)  # (B, n_head, S, d_qk): query head h reads key/value head h // n_rep
     v = v.repeat_interleave(n_rep, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, n_head, T, S)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = F.softmax(scores.float(), dim=-1).to(q.dtype)  # float32: exp() of bf16 scores is coarse
-    probs = F.dropout(probs, p=dropout_p)
-    return probs @ v  # (B, n_head, T, d_v)
+    return softmax_attention((q @ k.transpose(-2, -1)) * scale, v, allowed, dropout_p)  # scores (B, n_head, T, S)
 
 
 def resolve_attn_impl(name):
@@ -391,9 +395,10 @@ class MLA(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attn_impl, self.dropout = resolve_attn_impl(config.attn_impl), config.dropout
-        self.n_head, self.rank, self.q_lora_rank = config.n_head, config.kv_lora_rank, config.q_lora_rank
-        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-        qk_dim = self.nope + self.rope
+        self.n_head, self.q_lora_rank, self.kv_lora_rank = config.n_head, config.q_lora_rank, config.kv_lora_rank
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        qk_dim = self.nope_dim + self.rope_dim
         if config.q_lora_rank:
             # DeepSeek's inner norms use eps 1e-6 whatever the model's norm_eps (so does Hugging Face's port).
             self.wq_a = nn.Linear(config.n_embd, config.q_lora_rank, bias=False)
@@ -401,10 +406,12 @@ class MLA(nn.Module):
             self.wq_b = nn.Linear(config.q_lora_rank, config.n_head * qk_dim, bias=False)
         else:
             self.wq = nn.Linear(config.n_embd, config.n_head * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(config.n_embd, self.rank + self.rope, bias=False)  # latent and rope key, one matmul
-        self.kv_norm = RMSNorm(self.rank, 1e-6)
-        self.wkv_b = nn.Linear(self.rank, config.n_head * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV per head
-        self.wo = nn.Linear(config.n_head * self.v_dim, config.n_embd, bias=False)
+        # The latent and the rope key, in one matmul.
+        self.wkv_a = nn.Linear(config.n_embd, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, 1e-6)
+        # W_UK and W_UV of every head, stacked: the latent's expansion into keys (nope part) and values.
+        self.wkv_b = nn.Linear(self.kv_lora_rank, config.n_head * (self.nope_dim + self.v_head_dim), bias=False)
+        self.wo = nn.Linear(config.n_head * self.v_head_dim, config.n_embd, bias=False)
         # The scores span nope + rope dims, so the 1/sqrt(d) of attention is over both. With YaRN and mscale_all_dim
         # (DeepSeek-V3's long-context config) the softmax temperature mscale^2 goes here, on all dims, as in
         # DeepSeek's and Hugging Face's code.
@@ -416,27 +423,46 @@ class MLA(nn.Module):
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, T, self.n_head, self.nope + self.rope).transpose(1, 2)  # (B, n_head, T, nope + rope)
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        latent, k_rope = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
-        latent = self.kv_norm(latent)  # (B, T, rank)
-        q_rope, k_rope = apply_rope(q_rope, *rope), apply_rope(k_rope[:, None], *rope)  # k_rope (B, 1, T, rope)
+        q = q.view(B, T, self.n_head, self.nope_dim + self.rope_dim).transpose(1, 2)  # (B, n_head, T, nope + rope)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_norm(latent)  # (B, T, kv_lora_rank)
+        q_rope, k_rope = apply_rope(q_rope, *rope), apply_rope(k_rope[:, None], *rope)  # k_rope (B, 1, T, rope_dim)
         dropout = self.dropout if self.training else 0.0
         if kv_cache is None:  # naive: expand each token's latent into every head's key and value
-            kv = self.wkv_b(latent).view(B, T, self.n_head, self.nope + self.v_dim).transpose(1, 2)
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, n_head, T, nope), (B, n_head, T, v_dim)
+            kv = self.wkv_b(latent).view(B, T, self.n_head, self.nope_dim + self.v_head_dim).transpose(1, 2)
+            k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)  # (B, n_head, T, nope), (B, n_head, T, v)
             k = torch.cat((k_nope, k_rope.expand(-1, self.n_head, -1, -1)), dim=-1)
             y = attention(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.attn_impl, dropout, self.scale)
         else:  # absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, and W_UV commutes with the weighted sum over c
-            kv = torch.cat((latent[:, None], k_rope), dim=-1)  # (B, 1, T, rank + rope): all that a token caches
-            (kv,) = kv_cache.update(self.layer_id, kv)  # (B, 1, S, rank + rope)
-            w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
-            w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]  # (n_head, nope, rank), (n_head, v_dim, rank)
+            kv = torch.cat((latent[:, None], k_rope), dim=-1)  # (B, 1, T, kv_lora_rank + rope_dim): all a token caches
+            (kv,) = kv_cache.update(self.layer_id, kv)  # (B, 1, S, kv_lora_rank + rope_dim)
+            w_kv = self.wkv_b.weight.view(self.n_head, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+            w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # (n_head, nope, rank), (n_head, v, rank)
             q_latent = q_nope @ w_uk  # (B, n_head, T, nope) @ (n_head, nope, rank) -> (B, n_head, T, rank)
-            y = attention(torch.cat((q_latent, q_rope), dim=-1), kv, kv[..., : self.rank], mask, self.attn_impl,
-                          dropout, self.scale)  # (B, n_head, T, rank): per head, a weighted sum of latents
-            y = y @ w_uv.transpose(1, 2)  # (B, n_head, T, rank) @ (n_head, rank, v_dim) -> (B, n_head, T, v_dim)
+            y = self.latent_attention(q_latent, q_rope, kv, mask, dropout)  # (B, n_head, T, kv_lora_rank)
+            y = y @ w_uv.transpose(1, 2)  # (B, n_head, T, rank) @ (n_head, rank, v_head_dim) -> (B, n_head, T, v_head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
+
+    def latent_attention(self, q_latent, q_rope, kv, mask, dropout_p):
+        """Attention straight over the cached latents: kv (B, 1, S, kv_lora_rank + rope_dim) holds each token's
+        latent c and rope key side by side, and the values are the latents themselves. The score of a query
+        against a cached token is two terms (DeepSeek-V2, section 2.1.3):
+            content   q_latent . c        q_nope against the key W_UK c, with W_UK folded into the query
+            position  q_rope . k_rope     the decoupled RoPE part, one rope key shared by all heads
+        """
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, 1, S, rank), (B, 1, S, rope)
+        if self.attn_impl == "eager":
+            scores = (q_latent @ latent.transpose(-2, -1) + q_rope @ k_rope.transpose(-2, -1)) * self.scale
+            if mask is None:
+                mask = make_attention_mask(torch.ones(kv.size(0), kv.size(2), dtype=torch.bool, device=kv.device),
+                                           q_latent.size(2))
+            allowed, has_key = mask
+            return softmax_attention(scores, latent, allowed, dropout_p).masked_fill(~has_key, 0.0)
+        # For speed: two dot products over the same (query, key) pairs are one dot product of the concatenated
+        # vectors, [q_latent, q_rope] . [c, k_rope], so the fused kernels see multi-query attention of width
+        # kv_lora_rank + rope_dim over the cache as it is stored.
+        return attention(torch.cat((q_latent, q_rope), dim=-1), kv, latent, mask, self.attn_impl, dropout_p, self.scale)
 
 
 class MLP(nn.Module):
@@ -663,6 +689,18 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)  # RMSNorm gains
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def blocks(self):
+        """The repeated blocks, in order: what ZeRO stage 3 and FSDP2 gather and free one at a time."""
+        return list(self.layers)
+
+    def param_groups(self, weight_decay):
+        """AdamW's parameter groups (nanoGPT's configure_optimizers): weight decay on matrices only (linear and
+        embedding weights); decaying RMSNorm gains or biases just pulls them toward 0 for no regularisation
+        benefit (the AdamW paper's practice). parameters() lists a tied matrix once."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     def moe_layers(self):
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]

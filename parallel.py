@@ -130,7 +130,7 @@ def all_gather_objects(obj) -> list:
 
 class Bucket:
     """Parameters that travel together. Their values live in `flat` (the parameters are views into it), padded
-    to a multiple of the world size; `shard` is the slice this rank steps with AdamW, and shard.grad its slice of
+    to a multiple of the world size; `shard` is the part this rank steps with AdamW, and shard.grad its part of
     the averaged gradient."""
 
     def __init__(self, named_params: list, weight_decay: float, world_size: int):
@@ -148,7 +148,8 @@ class Bucket:
             self.flat[offset:offset + p.numel()].copy_(p.data.reshape(-1))
             p.data = self.flat[offset:offset + p.numel()].view_as(p)
         self.ready = set()  # ids of the parameters whose gradient of this backward has arrived
-        self.staging = None  # stages 2-3: the full gradient of the current micro-batch, until it is sent
+        self.staging = None  # sharded gradients: the full gradient of the current micro-batch, until it is sent
+        self.unit = None  # sharded parameters: the Unit this bucket is gathered with
 
     def all_ready(self) -> bool:
         return len(self.ready) == len(self.params)
@@ -164,16 +165,31 @@ class Bucket:
                 yield name, start - offset, stop - offset, start - lo
 
 
-class Unit:
-    """Stage 3: the buckets of one block (or of the root: embedding, final norm, head) whose full parameters
-    exist only from just before the block runs until just after."""
+def split_by_decay(params: list, groups: list, name_of: dict, world_size: int) -> list:
+    """One bucket per weight-decay group of params (a block's parameters, say), in the groups' order."""
+    ids = {id(p) for p in params}
+    return [Bucket([(name_of[id(p)], p) for p in group if id(p) in ids], wd, world_size)
+            for group, wd in groups if any(id(p) in ids for p in group)]
 
-    def __init__(self, buckets: list):
-        self.buckets = buckets
-        for b in buckets:
-            b.unit = self
-        self.full = False
-        self.pending = []  # all-gathers in flight
+
+def size_buckets(groups: list, name_of: dict, cap_bytes: float, world_size: int) -> list:
+    """Buckets of about cap_bytes in reverse parameter order (the order the backward produces gradients), so
+    the first buckets fill and start communicating while the backward is still running. The first is
+    smaller (1/25 of the cap, as PyTorch's DDP): the backward's very first gradients start moving at once.
+    The no-decay group (norm gains, a few KB) comes last: its gradients arrive all through the backward,
+    and in front it would hold back every bucket behind it until the end."""
+    buckets = []
+    for params, wd in groups:
+        run, size = [], 0
+        for p in reversed(params):
+            run.append((name_of[id(p)], p))
+            size += p.numel() * p.element_size()
+            if size >= (cap_bytes / 25 if not buckets else cap_bytes):
+                buckets.append(Bucket(run, wd, world_size))
+                run, size = [], 0
+        if run:
+            buckets.append(Bucket(run, wd, world_size))
+    return buckets
 
 
 def ring_bytes(kind: str, nbytes: int, world_size: int) -> float:
@@ -183,118 +199,15 @@ def ring_bytes(kind: str, nbytes: int, world_size: int) -> float:
     return 2 * share if kind == "all_reduce" else share
 
 
-class Engine:
-    """The model's parameters, gradients and AdamW state laid out in buckets and sharded by ZeRO stage.
+class Comm:
+    """The engine's collectives: each one started asynchronously, its bytes counted as a ring sends them, the
+    time spent waiting for it measured. In a world of one a collective is a copy (or nothing, in place)."""
 
-    train.py calls set_sync(is_last_micro_batch) before each forward, backward(loss) after it, and once all
-    micro-batches are done step(lr, grad_clip, scaler).
-    """
-
-    def __init__(self, model: torch.nn.Module, weight_decay: float, zero_stage: int, lr: float, betas: tuple,
-                 fused: bool, bucket_mb: float = 25.0):
-        self.model, self.stage = model, zero_stage
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-        self.sync = True
+    def __init__(self, world_size: int):
+        self.world = world_size
         self.bytes_sent, self.wait_s = 0.0, 0.0
-        name_of = {id(p): name for name, p in model.named_parameters()}
-        groups = param_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
-        if zero_stage == 3:
-            # One unit per block and one for the rest, in the order their gradients are complete: last block
-            # first, the root last (a tied embedding's gradient is complete only when the backward reaches wte).
-            in_blocks = {id(p) for block in model.layers for p in block.parameters()}
-            root = [p for p in model.parameters() if id(p) not in in_blocks]
-            self.units = [Unit(self._split_by_decay(list(block.parameters()), groups, name_of))
-                          for block in reversed(model.layers)] + [Unit(self._split_by_decay(root, groups, name_of))]
-            self.buckets = [b for unit in self.units for b in unit.buckets]
-        else:
-            self.units = []
-            self.buckets = self._size_buckets(groups, name_of, bucket_mb * 2**20)
-        self.where = {id(p): (b, offset) for b in self.buckets for p, offset in zip(b.params, b.offsets)}
-        for b in self.buckets:
-            if zero_stage == 0:
-                b.shard = b.flat
-            elif zero_stage in (1, 2):
-                b.shard = b.flat[self.rank * b.shard_size:(self.rank + 1) * b.shard_size]
-            else:  # stage 3: the slice is the only copy kept; the full buffer is released right away
-                b.shard = b.flat[self.rank * b.shard_size:(self.rank + 1) * b.shard_size].clone()
-                b.flat.untyped_storage().resize_(0)
-            if zero_stage < 2:
-                # The full gradient of a bucket is one flat buffer too: with p.grad a view into it, autograd
-                # accumulates micro-batches in place and the collective sends the buffer as it is, no copy.
-                # Stage 1 reduce-scatters it in place, so this rank's averaged slice lands in its own slice.
-                b.grad = torch.zeros_like(b.flat)
-                b.shard.grad = b.grad if zero_stage == 0 else b.grad[slice(*b.owned_range(self.rank, False))]
-                for p, offset in zip(b.params, b.offsets):
-                    p.grad = b.grad[offset:offset + p.numel()].view_as(p)
-            else:
-                b.shard.grad = torch.zeros_like(b.shard)
-        for p in model.parameters():
-            if id(p) in self.where:
-                p.register_post_accumulate_grad_hook(self._grad_ready)
-        self.next_launch, self.in_flight = 0, []
-        # AdamW is elementwise, so stepping each slice is exactly the unsharded AdamW; fused does it in one kernel.
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [b.shard for b in self.buckets if b.weight_decay == wd], "weight_decay": wd}
-             for wd in sorted({b.weight_decay for b in self.buckets}, reverse=True)],
-            lr=lr, betas=betas, fused=fused)
-        if zero_stage == 3:
-            # All-gathers get their own communicator: they are issued in module order, reduce-scatters in
-            # bucket order, and each communicator needs the same order of calls on every rank.
-            self.gather_group = dist.new_group() if is_distributed() else None
-            self._install_stage3_hooks()
 
-    def _split_by_decay(self, params: list, groups: list, name_of: dict) -> list:
-        ids = {id(p) for p in params}
-        return [Bucket([(name_of[id(p)], p) for p in group if id(p) in ids], wd, self.world)
-                for group, wd in groups if any(id(p) in ids for p in group)]
-
-    def _size_buckets(self, groups: list, name_of: dict, cap_bytes: float) -> list:
-        """Buckets of about cap_bytes in reverse parameter order (the order the backward produces gradients), so
-        the first buckets fill and start communicating while the backward is still running. The first is
-        smaller (1/25 of the cap, as PyTorch's DDP): the backward's very first gradients start moving at once.
-        The no-decay group (norm gains, a few KB) comes last: its gradients arrive all through the backward,
-        and in front it would hold back every bucket behind it until the end."""
-        buckets = []
-        for params, wd in groups:
-            run, size = [], 0
-            for p in reversed(params):
-                run.append((name_of[id(p)], p))
-                size += p.numel() * p.element_size()
-                if size >= (cap_bytes / 25 if not buckets else cap_bytes):
-                    buckets.append(Bucket(run, wd, self.world))
-                    run, size = [], 0
-            if run:
-                buckets.append(Bucket(run, wd, self.world))
-        return buckets
-
-    # ---- gradients ------------------------------------------------------------------------------
-    def set_sync(self, sync: bool) -> None:
-        """Whether the coming micro-batch communicates. Stages 0-1 accumulate full gradients locally and send
-        only on the last micro-batch; stages 2-3 reduce-scatter every micro-batch (keeping a full gradient
-        across micro-batches is exactly what they save), as DeepSpeed's ZeRO-2 and FSDP do."""
-        self.sync = sync
-
-    def _grad_ready(self, p: torch.Tensor) -> None:
-        """Runs when p's gradient of this backward is accumulated. Buckets launch strictly in bucket order: a
-        rank where some gradient is missing (an unused expert) holds back the later buckets too, so every rank
-        issues the same collectives in the same order and none waits for a tensor that never comes."""
-        b, offset = self.where[id(p)]
-        if self.stage >= 2:
-            if b.staging is None:
-                b.staging = torch.zeros_like(b.flat)
-            b.staging[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
-            p.grad = None
-        elif not self.sync:
-            return
-        b.ready.add(id(p))
-        if self.stage == 3 and all(c.all_ready() for c in b.unit.buckets):
-            self._release(b.unit)  # the block's backward is over: its full parameters can go
-        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].all_ready():
-            self._launch(self.buckets[self.next_launch])
-
-    def _collective(self, kind: str, out: torch.Tensor, inp: torch.Tensor, group=None):
-        """Starts one async collective and counts the bytes it sends; in a world of one it is a copy (or nothing,
-        when out is inp or a view of the same memory)."""
+    def start(self, kind: str, out: torch.Tensor, inp: torch.Tensor, group=None):
         if self.world == 1:
             if out.data_ptr() != inp.data_ptr():
                 out.copy_(inp)
@@ -306,35 +219,134 @@ class Engine:
             return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, async_op=True)
         return _all_gather(out, inp, group=group, async_op=True)
 
+    def wait(self, work) -> None:
+        if work is not None:
+            t0 = time.perf_counter()
+            _wait(work)
+            self.wait_s += time.perf_counter() - t0
+
+    def stats(self) -> dict:
+        """Bytes this rank sent and seconds it waited on collectives since the last call."""
+        stats = {"comm_bytes": self.bytes_sent, "comm_wait_s": self.wait_s}
+        self.bytes_sent, self.wait_s = 0.0, 0.0
+        return stats
+
+
+class Engine:
+    """The model's parameters, gradients and AdamW state laid out in buckets and sharded by ZeRO stage.
+
+    train.py calls set_sync(is_last_micro_batch) before each forward, backward(loss) after it, and once all
+    micro-batches are done step(lr, grad_clip, scaler). What a stage shards is named once, in three flags
+    (ZeRO's P_os, P_g, P_p), and every difference between the stages is a test of one of them:
+      shard_optimizer   stage >= 1  each rank keeps and steps only its slice of the AdamW moments; the averaged
+                                    gradient is reduce-scattered into that slice and the updated slices are
+                                    all-gathered back into the full parameters.
+      shard_gradients   stage >= 2  no full gradient outlives the backward: each bucket's gradient is staged,
+                                    reduce-scattered during the backward and freed, on every micro-batch.
+      shard_parameters  stage 3     only the slices of the parameters persist; ParameterGather rebuilds each
+                                    block's full parameters just before it runs and frees them after.
+    """
+
+    def __init__(self, model: torch.nn.Module, groups: list[dict], zero_stage: int, lr: float, betas: tuple,
+                 fused: bool, bucket_mb: float = 25.0):
+        self.model = model
+        self.shard_optimizer, self.shard_gradients, self.shard_parameters = (zero_stage >= s for s in (1, 2, 3))
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        self.comm, self.sync = Comm(self.world), True
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        groups = [(group["params"], group["weight_decay"]) for group in groups if group["params"]]
+        if self.shard_parameters:
+            self.gather = ParameterGather(model, groups, name_of, self.comm)
+            self.buckets = [b for unit in self.gather.units for b in unit.buckets]
+        else:
+            self.gather = None
+            self.buckets = size_buckets(groups, name_of, bucket_mb * 2**20, self.world)
+        self.where = {id(p): (b, offset) for b in self.buckets for p, offset in zip(b.params, b.offsets)}
+        for b in self.buckets:
+            self._lay_out(b)
+        for p in model.parameters():
+            if id(p) in self.where:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.next_launch, self.in_flight = 0, []
+        # AdamW is elementwise, so stepping each slice is exactly the unsharded AdamW; fused does it in one kernel.
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [b.shard for b in self.buckets if b.weight_decay == wd], "weight_decay": wd}
+             for wd in sorted({b.weight_decay for b in self.buckets}, reverse=True)],
+            lr=lr, betas=betas, fused=fused)
+
+    def _lay_out(self, b: Bucket) -> None:
+        """The bucket's shard (what AdamW steps) and where its gradients accumulate."""
+        lo, hi = b.owned_range(self.rank, replicated=not self.shard_optimizer)
+        b.shard = b.flat[lo:hi]
+        if self.shard_parameters:  # the slice is the only copy kept; the full buffer is released right away
+            b.shard = b.shard.clone()
+            b.flat.untyped_storage().resize_(0)
+        if self.shard_gradients:
+            b.shard.grad = torch.zeros_like(b.shard)
+            return
+        # The full gradient of a bucket is one flat buffer too: with p.grad a view into it, autograd accumulates
+        # micro-batches in place and the collective sends the buffer as it is, no copy. Sharding the optimizer
+        # reduce-scatters it in place, so this rank's averaged slice lands in its own slice.
+        b.grad = torch.zeros_like(b.flat)
+        b.shard.grad = b.grad[lo:hi]
+        for p, offset in zip(b.params, b.offsets):
+            p.grad = b.grad[offset:offset + p.numel()].view_as(p)
+
+    # ---- gradients ------------------------------------------------------------------------------
+    def set_sync(self, sync: bool) -> None:
+        """Whether the coming micro-batch communicates. With full gradients kept, they accumulate locally and go
+        out only on the last micro-batch; sharded gradients are reduce-scattered every micro-batch (keeping a
+        full gradient across micro-batches is exactly what they save), as DeepSpeed's ZeRO-2 and FSDP do."""
+        self.sync = sync
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        """Runs when p's gradient of this backward is accumulated. Buckets launch strictly in bucket order: a
+        rank where some gradient is missing (an unused expert) holds back the later buckets too, so every rank
+        issues the same collectives in the same order and none waits for a tensor that never comes."""
+        b, offset = self.where[id(p)]
+        if self.shard_gradients:
+            if b.staging is None:
+                b.staging = torch.zeros_like(b.flat)
+            b.staging[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = None
+        elif not self.sync:
+            return
+        b.ready.add(id(p))
+        if self.gather and all(c.all_ready() for c in b.unit.buckets):
+            self.gather.release(b.unit)  # the block's backward is over: its full parameters can go
+        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].all_ready():
+            self._launch(self.buckets[self.next_launch])
+
     def _launch(self, b: Bucket) -> None:
         self.next_launch += 1
-        if self.stage == 0:
-            work, received = self._collective("all_reduce", b.grad, b.grad), None
-        elif self.stage == 1:
-            work, received = self._collective("reduce_scatter", b.shard.grad, b.grad), None
+        received = None
+        if not self.shard_optimizer:
+            work = self.comm.start("all_reduce", b.grad, b.grad)
+        elif not self.shard_gradients:
+            work = self.comm.start("reduce_scatter", b.shard.grad, b.grad)
         else:
             received = torch.empty_like(b.shard)
-            work = self._collective("reduce_scatter", received, b.staging)
+            work = self.comm.start("reduce_scatter", received, b.staging)
         self.in_flight.append((work, b, received))
-        # Stages 2-3 bound the full gradients alive to the two newest buckets: waiting for the older one here
-        # lets its staging buffer go while the backward goes on.
-        while self.stage >= 2 and len(self.in_flight) > 2:
+        # Sharded gradients bound the full gradients alive to the two newest buckets: waiting for the older one
+        # here lets its staging buffer go while the backward goes on.
+        while self.shard_gradients and len(self.in_flight) > 2:
             self._complete(*self.in_flight.pop(0))
 
     def _complete(self, work, b: Bucket, received) -> None:
-        self._wait(work)
-        if self.stage >= 2:
+        self.comm.wait(work)
+        if self.shard_gradients:
             b.shard.grad += received  # sums over ranks, and over micro-batches
             b.staging = None
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward(), then send what the hooks could not: buckets with a parameter that got no gradient
-        this time count it as zeros. Only the last micro-batch of stages 0-1 communicates."""
+        this time count it as zeros. With full gradients kept, only the last micro-batch communicates."""
         loss.backward()
-        if self.stage < 2 and not self.sync:
+        if not self.shard_gradients and not self.sync:
             return
         for b in self.buckets[self.next_launch:]:
-            if self.stage >= 2 and b.staging is None:
+            if self.shard_gradients and b.staging is None:
                 b.staging = torch.zeros_like(b.flat)
             self._launch(b)
         while self.in_flight:
@@ -342,20 +354,20 @@ class Engine:
         for b in self.buckets:
             b.ready.clear()
         self.next_launch = 0
-        for unit in self.units:  # the root, and a block whose parameters did not all get a gradient
-            self._release(unit)
+        if self.gather:  # the root, and a block whose parameters did not all get a gradient
+            self.gather.release_all()
 
     def step(self, lr: float, grad_clip: float, scaler: torch.amp.GradScaler) -> torch.Tensor:
         """Averages, clips on the global norm, steps AdamW on this rank's slices, rebuilds the full parameters
-        (stages 1-2), zeroes the gradients. Returns the global gradient norm before clipping."""
+        (sharded optimizer, whole parameters), zeroes the gradients. Returns the global norm before clipping."""
         for b in self.buckets:
             b.shard.grad /= self.world  # summed over ranks -> mean over the global batch
         scaler.unscale_(self.optimizer)
-        # Norm over the whole gradient vector: each rank holds a disjoint slice (stage 0: all of it, the same
+        # Norm over the whole gradient vector: each rank holds a disjoint slice (unsharded: all of it, the same
         # on every rank), and the padding is zeros, so the sum of squared slices adds up to the full norm.
         sum_sq = torch.stack([b.shard.grad.float().pow(2).sum() for b in self.buckets]).sum()
-        if self.stage > 0:
-            self._wait(self._collective("all_reduce", sum_sq, sum_sq))
+        if self.shard_optimizer:
+            self.comm.wait(self.comm.start("all_reduce", sum_sq, sum_sq))
         norm = sum_sq.sqrt()
         if grad_clip > 0:
             # As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
@@ -367,89 +379,130 @@ class Engine:
         scaler.step(self.optimizer)
         scaler.update()
         for b in self.buckets:
-            (b.shard.grad if self.stage >= 2 else b.grad).zero_()
-        if self.stage in (1, 2):
+            (b.shard.grad if self.shard_gradients else b.grad).zero_()
+        if self.shard_optimizer and not self.shard_parameters:
             # In place: this rank's slice of the output is the input (NCCL and gloo both allow exactly this alias).
-            for work in [self._collective("all_gather", b.flat, b.shard) for b in self.buckets]:
-                self._wait(work)
+            for work in [self.comm.start("all_gather", b.flat, b.shard) for b in self.buckets]:
+                self.comm.wait(work)
         return norm
 
-    def _wait(self, work) -> None:
-        if work is not None:
-            t0 = time.perf_counter()
-            _wait(work)
-            self.wait_s += time.perf_counter() - t0
-
     def comm_stats(self) -> dict:
-        """Bytes this rank sent and seconds it waited on collectives since the last call."""
-        stats = {"comm_bytes": self.bytes_sent, "comm_wait_s": self.wait_s}
-        self.bytes_sent, self.wait_s = 0.0, 0.0
-        return stats
+        return self.comm.stats()
 
     def theory_bytes(self, micro_batches: int) -> float:
         """The ZeRO paper's communication per step per rank (section 7): 2 x params for DDP and stages 1-2
         (reduce-scatter + all-gather = one all-reduce), 3 x params for stage 3 (a second all-gather before the
-        backward). Stages 2-3 send their reduce-scatter (and stage 3 its all-gathers) on every micro-batch."""
+        backward). Sharded gradients are reduce-scattered (and sharded parameters gathered) every micro-batch."""
         params = sum(b.numel * b.flat.element_size() for b in self.buckets) * (self.world - 1) / self.world
-        return params * {0: 2, 1: 2, 2: micro_batches + 1, 3: 3 * micro_batches}[self.stage]
+        if self.shard_parameters:
+            return params * 3 * micro_batches
+        return params * (micro_batches + 1 if self.shard_gradients else 2)
 
-    # ---- stage 3: gathering parameters just in time -------------------------------------------------
-    def _gather(self, unit: Unit) -> None:
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def model_state_dict(self) -> dict:
+        """The full model state dict for rank 0 to save; every rank must call it (sharded parameters gather)."""
+        return self.gather.full_state_dict(self.rank) if self.gather else self.model.state_dict()
+
+    def owned_pieces(self):
+        """(optimizer tensor, parameter name, start, stop, offset): the flattened elements [start, stop) of each
+        parameter whose AdamW state this rank holds, at offset in that optimizer tensor's state."""
+        for b in self.buckets:
+            lo, hi = b.owned_range(self.rank, replicated=not self.shard_optimizer)
+            for name, start, stop, at in b.pieces(lo, hi):
+                yield b.shard, name, start, stop, at
+
+
+class Unit:
+    """Sharded parameters: the buckets of one block (or of the root: embedding, final norm, head) whose full
+    parameters exist only from just before the block runs until just after."""
+
+    def __init__(self, buckets: list):
+        self.buckets = buckets
+        for b in buckets:
+            b.unit = self
+        self.full = False
+        self.pending = []  # all-gathers in flight
+
+
+class ParameterGather:
+    """ZeRO stage 3's parameter movement: all-gather each unit's full parameters just before they are needed
+    (forward and again backward), free them right after, prefetching the next unit so its gather overlaps the
+    current block's compute. The model names its blocks (model.blocks()); everything else is the root."""
+
+    def __init__(self, model: torch.nn.Module, groups: list, name_of: dict, comm: Comm):
+        self.model, self.comm = model, comm
+        # One unit per block and one for the rest, in the order their gradients are complete: last block first,
+        # the root last (a tied embedding's gradient is complete only when the backward reaches wte).
+        self.blocks = list(model.blocks())
+        in_blocks = {id(p) for block in self.blocks for p in block.parameters()}
+        root = [p for p in model.parameters() if id(p) not in in_blocks]
+        self.units = [Unit(split_by_decay(list(block.parameters()), groups, name_of, comm.world))
+                      for block in reversed(self.blocks)] + [Unit(split_by_decay(root, groups, name_of, comm.world))]
+        # All-gathers get their own communicator: they are issued in module order, reduce-scatters in
+        # bucket order, and each communicator needs the same order of calls on every rank.
+        self.group = dist.new_group() if is_distributed() else None
+        self._install_hooks()
+
+    def gather(self, unit: Unit) -> None:
         """Starts the all-gather of a unit's full parameters (no-op if they are there or on their way)."""
         if unit.full:
             return
         unit.full = True
         for b in unit.buckets:
             b.flat.untyped_storage().resize_(b.flat.numel() * b.flat.element_size())
-            unit.pending.append(self._collective("all_gather", b.flat, b.shard, group=self.gather_group))
+            unit.pending.append(self.comm.start("all_gather", b.flat, b.shard, group=self.group))
 
-    def _wait_gathered(self, unit: Unit) -> None:
-        self._gather(unit)
+    def wait_gathered(self, unit: Unit) -> None:
+        self.gather(unit)
         while unit.pending:
-            self._wait(unit.pending.pop(0))
+            self.comm.wait(unit.pending.pop(0))
 
-    def _release(self, unit: Unit) -> None:
+    def release(self, unit: Unit) -> None:
         if unit.full:
-            self._wait_gathered(unit)  # never free memory a collective is still writing
+            self.wait_gathered(unit)  # never free memory a collective is still writing
             for b in unit.buckets:
                 b.flat.untyped_storage().resize_(0)
             unit.full = False
 
-    def _install_stage3_hooks(self) -> None:
+    def release_all(self) -> None:
+        for unit in self.units:
+            self.release(unit)
+
+    def _install_hooks(self) -> None:
         """Forward: gather the root and the first block, then each block's pre-hook waits for its own gather
         and starts the next block's (prefetch: the next gather overlaps this block's compute); a block is
         released after its forward. Backward: a hook on each block's output fires just before the block's
         backward, gathers it again and prefetches the block before it; the block is released once all its
-        gradients have arrived (_grad_ready). The root stays whole from forward to the end of the backward,
-        as in FSDP: its head runs first and its embedding last in the backward."""
-        blocks = list(self.model.layers)
+        gradients have arrived (Engine._grad_ready). The root stays whole from forward to the end of the
+        backward, as in FSDP: its head runs first and its embedding last in the backward."""
+        blocks = self.blocks
         root, block_units = self.units[-1], self.units[-2::-1]  # block_units[i] belongs to blocks[i]
 
         def before_model(module, args):
-            self._wait_gathered(root)
-            self._gather(block_units[0])
+            self.wait_gathered(root)
+            self.gather(block_units[0])
 
         def after_model(module, args, output):
             if not torch.is_grad_enabled():
-                self._release(root)
+                self.release(root)
 
         def before_block(i):
             def hook(module, args):
-                self._wait_gathered(block_units[i])
+                self.wait_gathered(block_units[i])
                 if i + 1 < len(blocks):
-                    self._gather(block_units[i + 1])
+                    self.gather(block_units[i + 1])
             return hook
 
         def before_block_backward(i):
             def hook(grad):
-                self._wait_gathered(block_units[i])
+                self.wait_gathered(block_units[i])
                 if i > 0:
-                    self._gather(block_units[i - 1])
+                    self.gather(block_units[i - 1])
             return hook
 
         def after_block(i):
             def hook(module, args, output):
-                self._release(block_units[i])
+                self.release(block_units[i])
                 if output.requires_grad:
                     output.register_hook(before_block_backward(i))
             return hook
@@ -460,53 +513,64 @@ class Engine:
             block.register_forward_pre_hook(before_block(i))
             block.register_forward_hook(after_block(i))
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def model_state_dict(self) -> dict:
-        """The full model state dict for rank 0 to save; every rank must call it. Stage 3 gathers one unit at a
-        time and rank 0 copies it to the CPU, so no rank ever holds more than one unit beyond its slices."""
-        if not self.units:
-            return self.model.state_dict()
+    def full_state_dict(self, rank: int) -> dict:
+        """Gathers one unit at a time and rank 0 copies it to the CPU, so no rank ever holds more than one unit
+        beyond its slices. Other ranks get {} (only rank 0 saves)."""
         copies = {}
         for unit in self.units:
-            self._wait_gathered(unit)
-            if self.rank == 0:
+            self.wait_gathered(unit)
+            if rank == 0:
                 copies |= {id(p): p.detach().to("cpu", copy=True) for b in unit.buckets for p in b.params}
-            self._release(unit)
-        # keep_vars: the Parameters themselves, so a tied matrix (wte.weight, lm_head.weight) finds its one copy.
-        if self.rank != 0:
+            self.release(unit)
+        if rank != 0:
             return {}
+        # keep_vars: the Parameters themselves, so a tied matrix (wte.weight, lm_head.weight) finds its one copy.
         return {k: copies.get(id(v), v) for k, v in self.model.state_dict(keep_vars=True).items()}
 
-    def optimizer_shard(self) -> dict:
-        """This rank's AdamW state as pieces of the flattened parameters, {name: [(start, exp_avg, exp_avg_sq)]}:
-        independent of buckets, stage and world size, so any layout can rebuild its own slices from it.
-        At stage 0 every rank holds the same state: rank 0 saves it."""
-        pieces = {}
-        if self.stage == 0 and self.rank != 0:
-            return {"step": None, "pieces": pieces}
-        step = None
-        for b in self.buckets:
-            state = self.optimizer.state[b.shard]
-            step = float(state["step"])
-            lo, hi = b.owned_range(self.rank, self.stage == 0)
-            for name, start, stop, at in b.pieces(lo, hi):
-                here = slice(at, at + stop - start)
-                moments = (state["exp_avg"][here].clone(), state["exp_avg_sq"][here].clone())
-                pieces.setdefault(name, []).append((start, *moments))
-        return {"step": step, "pieces": pieces}
 
-    def load_optimizer_shards(self, shards: list) -> None:
-        """Rebuilds this rank's AdamW state from the shards of any earlier layout (any world size or stage)."""
-        step, found = merge_shards(shards)
-        state = []
-        for b in self.buckets:
-            exp_avg, exp_avg_sq = torch.zeros_like(b.shard), torch.zeros_like(b.shard)
-            lo, hi = b.owned_range(self.rank, self.stage == 0)
-            for name, start, stop, at in b.pieces(lo, hi):
-                here = slice(at, at + stop - start)
-                fill_from_pieces(found, name, start, stop, exp_avg[here], exp_avg_sq[here])
-            state.append((b.shard, {"step": torch.tensor(step), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}))
-        load_adamw_state(self.optimizer, dict(state))
+# ---- optimizer shards: the AdamW state of any layout as pieces of the flattened parameters ------------------
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (FSDP2), a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def optimizer_state_shard(engine) -> dict:
+    """This rank's AdamW state as pieces of the flattened parameters, {name: [(start, exp_avg, exp_avg_sq)]}:
+    independent of buckets, stage and world size, so any layout can rebuild its own slices from it. With the
+    optimizer state unsharded every rank holds the same state: rank 0 saves it."""
+    pieces, state = {}, engine.optimizer.state
+    if not engine.shard_optimizer and engine.rank != 0:
+        return {"step": None, "pieces": pieces}
+    for param, name, start, stop, at in engine.owned_pieces():
+        here = slice(at, at + stop - start)
+        moments = [local_tensor(state[param][key]).reshape(-1)[here].clone() for key in ("exp_avg", "exp_avg_sq")]
+        pieces.setdefault(name, []).append((start, *moments))
+    step = float(next(iter(state.values()))["step"])
+    return {"step": step, "pieces": pieces}
+
+
+def load_optimizer_state(engine, shards: list) -> None:
+    """Rebuilds this rank's AdamW state from the shards of any earlier layout (any world size, stage, FSDP2)."""
+    step, found = merge_shards(shards)
+    params = [p for group in engine.optimizer.param_groups for p in group["params"]]
+    moments = {id(p): (torch.zeros_like(local_tensor(p)), torch.zeros_like(local_tensor(p))) for p in params}
+    for param, name, start, stop, at in engine.owned_pieces():
+        here = slice(at, at + stop - start)
+        exp_avg, exp_avg_sq = moments[id(param)]
+        fill_from_pieces(found, name, start, stop, exp_avg.view(-1)[here], exp_avg_sq.view(-1)[here])
+
+    def like_param(p, local):  # a DTensor parameter (FSDP2) wants DTensor state with its layout
+        if not hasattr(p, "device_mesh"):
+            return local
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+    state = [{"step": torch.tensor(step), "exp_avg": like_param(p, moments[id(p)][0]),
+              "exp_avg_sq": like_param(p, moments[id(p)][1])} for p in params]
+    # load_state_dict puts each tensor where the optimizer wants it (device, dtype).
+    engine.optimizer.load_state_dict({"state": dict(enumerate(state)),
+                                      "param_groups": engine.optimizer.state_dict()["param_groups"]})
 
 
 def merge_shards(shards: list) -> tuple[float, dict]:
@@ -533,35 +597,26 @@ def fill_from_pieces(found: dict, name: str, start: int, stop: int, exp_avg: tor
                          "needs: a shard is missing or comes from another run")
 
 
-def load_adamw_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Installs {param: AdamW state} through load_state_dict, which puts each tensor where the optimizer wants it."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    optimizer.load_state_dict({"state": {i: state[p] for i, p in enumerate(params)},
-                               "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def param_groups(params: list, weight_decay: float) -> list:
-    """(params, weight_decay) pairs. Weight decay only on matrices (linear and embedding weights); decaying
-    gains of RMSNorm or biases just pulls them toward 0 for no regularisation benefit (nanoGPT, and the AdamW
-    paper's practice). model.parameters() lists a tied matrix once."""
-    groups = [([p for p in params if p.dim() >= 2], weight_decay), ([p for p in params if p.dim() < 2], 0.0)]
-    return [(group, wd) for group, wd in groups if group]
-
-
 class FSDP2:
     """Engine's interface on PyTorch's own fully_shard (FSDP2): each block and then the root become sharded
     modules whose parameters are DTensors split along dim 0, gathered around each block as in stage 3. The
     production path for users who outgrow the handwritten one, and the reference stage 3 is tested against."""
 
-    def __init__(self, model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple, fused: bool):
+    shard_optimizer = True
+
+    def __init__(self, model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple, fused: bool):
         from torch.distributed.fsdp import fully_shard
-        for block in model.layers:
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        group_names = [[name_of[id(p)] for p in group["params"]] for group in groups]
+        for block in model.blocks():
             fully_shard(block)
         fully_shard(model)
         self.model, self.rank, self.world = model, dist.get_rank(), dist.get_world_size()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": group, "weight_decay": wd} for group, wd in param_groups(self.params, weight_decay)]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        # fully_shard replaced the parameters by DTensors: the same groups, found again by name.
+        sharded = dict(model.named_parameters())
+        groups = [{**group, "params": [sharded[name] for name in names]} for group, names in zip(groups, group_names)]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)
 
     def set_sync(self, sync: bool) -> None:
         """FSDP2 reduce-scatters every micro-batch by default, as stage 3 does: nothing to decide."""
@@ -592,38 +647,12 @@ class FSDP2:
     def model_state_dict(self) -> dict:
         return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
 
-    def _local_range(self, p) -> tuple[int, int]:
-        """Elements [start, stop) of p's flattened values that this rank holds: FSDP2 gives rank r the rows
-        of torch.chunk(p, world)[r], that is ceil(rows / world) rows from row r * ceil(rows / world)."""
-        rows = p.shape[0]
-        per_row = p.numel() // rows
-        chunk = -(-rows // self.world)
-        first, last = min(self.rank * chunk, rows), min((self.rank + 1) * chunk, rows)
-        return first * per_row, last * per_row
-
-    def optimizer_shard(self) -> dict:
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        pieces, step = {}, None
-        for p in self.params:
-            state = self.optimizer.state[p]
-            step = float(state["step"])
-            start, stop = self._local_range(p)
-            if start < stop:
-                pieces[names[id(p)]] = [(start, state["exp_avg"].to_local().reshape(-1).clone(),
-                                         state["exp_avg_sq"].to_local().reshape(-1).clone())]
-        return {"step": step, "pieces": pieces}
-
-    def load_optimizer_shards(self, shards: list) -> None:
-        from torch.distributed.tensor import DTensor
-        step, found = merge_shards(shards)
-        state = {}
+    def owned_pieces(self):
+        """As Engine.owned_pieces. FSDP2 gives rank r the rows of torch.chunk(p, world)[r], that is
+        ceil(rows / world) rows from row r * ceil(rows / world): one piece per parameter, at offset 0."""
         for name, p in self.model.named_parameters():
-            local = p.to_local()
-            exp_avg, exp_avg_sq = torch.zeros_like(local), torch.zeros_like(local)
-            start, stop = self._local_range(p)
-            if start < stop:
-                fill_from_pieces(found, name, start, stop, exp_avg.view(-1), exp_avg_sq.view(-1))
-            as_dtensor = lambda t: DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            state[p] = {"step": torch.tensor(step), "exp_avg": as_dtensor(exp_avg),
-                        "exp_avg_sq": as_dtensor(exp_avg_sq)}
-        load_adamw_state(self.optimizer, state)
+            rows = p.shape[0]
+            per_row, chunk = p.numel() // rows, -(-rows // self.world)
+            first, last = min(self.rank * chunk, rows), min((self.rank + 1) * chunk, rows)
+            if first < last:
+                yield p, name, first * per_row, last * per_row, 0

@@ -10,33 +10,15 @@ same at position 10 as at position 500 instead of re-reading the whole prefix.
 """
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-from model import KVCache, ModelConfig, Transformer
-from tokenizer import EOS_ID, Tokenizer
-from train import load_checkpoint
-
-
-def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of a train.py output folder (ckpt.pt and tokenizer.model)."""
-    ckpt_path, tokenizer_path = os.path.join(ckpt_dir, "ckpt.pt"), os.path.join(ckpt_dir, "tokenizer.model")
-    for path in (ckpt_path, tokenizer_path):
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path} not found: --ckpt must be an out_dir written by train.py")
-    checkpoint = load_checkpoint(ckpt_path, device)
-    try:
-        model = Transformer(ModelConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"{ckpt_path} is not a checkpoint of this model code ({type(e).__name__}: {str(e).splitlines()[0]})")
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise SystemExit(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}")
-    return model.to(device).eval(), tokenizer
+from checkpoint import load_model
+from configurator import resolve_device
+from model import KVCache
+from tokenizer import EOS_ID
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.top_k is not None and args.top_k < 1:
         parser.error("--top_k must be >= 1")
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.ckpt, device)
     prompt = args.prompt

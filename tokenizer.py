@@ -19,6 +19,8 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from files import atomic_write
+
 # Fixed ids, reserved before any learned piece, so that other files can use the names.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(6)
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -157,9 +159,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str,
         num_threads=os.cpu_count(), minloglevel=2)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tokenizer.model")
-    with open(path + ".tmp", "wb") as f:
+    with atomic_write(path) as f:
         f.write(model.getvalue())
-    os.replace(path + ".tmp", path)  # never leave a half-written model under the real name
     return path
 
 

@@ -15,11 +15,9 @@ micro-batches and parallel.py averages, so the step is the same computation what
 batch drawn for step `it` depends only on (seed, it), which makes a resumed run replay exactly.
 """
 
-import ast
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -30,9 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
-                      check_same_on_all_ranks, destroy, init_distributed)
+from checkpoint import (load_checkpoint, load_optimizer_shards, remove_other_shards, save_checkpoint,
+                        shard_names)
+from configurator import load_config, peak_flops, resolve_device, resolve_dtype
+from files import atomic_write, copy_file
 from model import ModelConfig, Transformer
+from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
+                      check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, optimizer_state_shard)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -76,43 +78,23 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 # -----------------------------------------------------------------------------------------------
 
 
-def load_config(defaults: dict, argv: list[str]) -> dict:
-    """Config files (executed as Python) and --key=value overrides, applied in order.
-
-    Every key must already exist and keep its type: a typo such as --learing_rate=1e-3 is an error,
-    never a silently ignored setting. An int is accepted where a float is expected.
-    """
-    config = dict(defaults)
-
-    def set_key(key, value, where):
-        if key not in config:
-            raise SystemExit(f"{where}: unknown config key '{key}'")
-        expected = type(config[key])
-        if expected is float and type(value) is int:
-            value = float(value)
-        if type(value) is not expected:
-            raise SystemExit(f"{where}: config key '{key}' must be {expected.__name__}, got {value!r}")
-        config[key] = value
-
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise SystemExit(f"override '{arg}' must look like --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare word such as --device=cpu is a string
-            set_key(key, value, arg)
-        else:
-            if not os.path.isfile(arg):
-                raise SystemExit(f"config file '{arg}' does not exist")
-            namespace = {}
-            exec(open(arg).read(), namespace)
-            for key, value in namespace.items():
-                if not key.startswith("_") and isinstance(value, (int, float, bool, str, dict)):
-                    set_key(key, value, arg)
-    return config
+def check_config(c: dict, world_size: int) -> None:
+    """Settings that cannot work together, refused with one sentence before any work is done."""
+    if c["gradient_accumulation_steps"] % world_size:
+        raise SystemExit(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the "
+                         f"number of processes ({world_size}): each process does an equal share of the micro-batches")
+    if c["init_from"] not in ("scratch", "resume"):
+        raise SystemExit(f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
+    if c["parallel"] not in ("handwritten", "fsdp2"):
+        raise SystemExit(f"parallel must be 'handwritten' or 'fsdp2', got '{c['parallel']}'")
+    if c["zero_stage"] not in (0, 1, 2, 3):
+        raise SystemExit(f"zero_stage must be 0, 1, 2 or 3, got {c['zero_stage']}")
+    if c["parallel"] == "fsdp2" and c["zero_stage"] != 0:
+        raise SystemExit("zero_stage is for parallel='handwritten'; fsdp2 always shards as stage 3 does")
+    if c["parallel"] == "fsdp2" and world_size == 1:
+        raise SystemExit("parallel='fsdp2' needs a process group: launch with torchrun (even --nproc_per_node=1)")
+    if c["compile"] and c["zero_stage"] == 3:
+        raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
 
 
 def get_lr(it: int, config: dict) -> float:
@@ -139,262 +121,240 @@ def read_windows(path: str, dtype: np.dtype, starts: np.ndarray, block_size: int
     return windows[:, :-1], windows[:, 1:]
 
 
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Write to a temporary name, flush to disk, then rename: a kill at any moment leaves either the
-    previous complete checkpoint or the new complete one, never a torn file (rename is atomic)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class TokenData:
+    """The token files of a prepare_data.py folder, and the micro-batches each rank reads from them.
+
+    The windows of a global batch are drawn by a generator seeded with (seed, stream, step) alone, so they are
+    the same on every rank and for any world size; micro-batch m of rank r is block m * world_size + r of
+    them, so the ranks together read exactly the rows one process would.
+    """
+
+    def __init__(self, c: dict, rank: int, world_size: int, device: str):
+        self.seed, self.block_size, self.batch_size = c["seed"], c["block_size"], c["batch_size"]
+        self.train_rows, self.eval_iters = c["gradient_accumulation_steps"] * c["batch_size"], c["eval_iters"]
+        self.rank, self.world_size, self.device = rank, world_size, device
+        meta_path = os.path.join(c["data_dir"], "meta.json")
+        if not os.path.isfile(meta_path):
+            raise SystemExit(f"{meta_path} not found: run prepare_data.py first (or set --data_dir)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.bins = {split: os.path.join(c["data_dir"], f"{split}.bin") for split in ("train", "val")}
+        self.n_tokens = {}
+        for split, path in self.bins.items():
+            if not os.path.isfile(path):
+                raise SystemExit(f"{path} not found: run prepare_data.py again (it writes meta.json last)")
+            self.n_tokens[split] = os.path.getsize(path) // self.dtype.itemsize
+            if self.n_tokens[split] <= self.block_size:
+                raise SystemExit(f"{path} holds {self.n_tokens[split]} tokens, fewer than block_size + 1 = "
+                                 f"{self.block_size + 1}: use a smaller block_size or more data")
+        self.tokenizer_path = os.path.join(c["data_dir"], "tokenizer.model")
+        # Bytes of text each token stands for: bits per byte = total nats / (ln 2 * total bytes), which
+        # compares runs with different tokenizers. Special tokens stand for no text and count 0.
+        self.token_bytes = torch.tensor(Tokenizer(self.tokenizer_path).token_bytes(), dtype=torch.float64,
+                                        device=device)
+
+    def train_batch(self, it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch micro_step of the global batch of step it."""
+        return self._micro_batch("train", it, 0, self.train_rows, micro_step)
+
+    def eval_batch(self, split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's batch i of the evaluation windows of split: the same windows at every evaluation."""
+        stream = 1 + ("train", "val").index(split)
+        return self._micro_batch(split, 0, stream, self.eval_iters * self.batch_size * self.world_size, i)
+
+    def _micro_batch(self, split: str, it: int, stream: int, rows: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch m of the `rows` windows of (split, it, stream), on the device."""
+        rng = np.random.default_rng([self.seed, stream, it])
+        starts = rng.integers(0, self.n_tokens[split] - self.block_size, size=rows)
+        lo = (m * self.world_size + self.rank) * self.batch_size
+        x, y = read_windows(self.bins[split], self.dtype, starts[lo:lo + self.batch_size], self.block_size)
+        if self.device.startswith("cuda"):  # pinned memory lets the copy run asynchronously
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
 
 
-def load_checkpoint(path: str, device: str, mmap: bool = False) -> dict:
-    """The checkpoint at path, or one clear sentence if it is torn or not a checkpoint. weights_only: a
-    checkpoint is data, and unpickling arbitrary objects from a file would run code. mmap: tensors are read
-    from disk only when touched (each rank reads only its slices out of every optimizer shard)."""
+@torch.no_grad()
+def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
+    """Mean loss and bits per byte on the same eval_iters * batch_size windows of each split every time (a
+    fixed step 0: evaluations compare like with like), spread over the ranks and summed back."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        sums = torch.zeros(4, dtype=torch.float64, device=data.device)  # nats, tokens, nats of text tokens, text bytes
+        for i in range(data.eval_iters):
+            x, y = data.eval_batch(split, i)
+            with autocast:
+                logits, _ = model(x)
+            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
+            nbytes = data.token_bytes[y.flatten()]
+            sums += torch.stack([nats.sum(), nats.new_tensor(nats.numel()), (nats * (nbytes > 0)).sum(), nbytes.sum()])
+        all_reduce_sum(sums)
+        out[f"{split}_loss"] = (sums[0] / sums[1]).item()
+        out[f"{split}_bpb"] = (sums[2] / (math.log(2) * sums[3])).item()
+    model.train()
+    return out
+
+
+def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, device: str) -> dict:
+    """out_dir/ckpt.pt, after checking that it continues this run: same tokenizer, same model shape."""
+    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
+    checkpoint = load_checkpoint(ckpt_path, device)
+    if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
+        raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
+    saved = asdict(ModelConfig(**checkpoint["model_config"]))  # a field added since then has its default
+    for key, value in asdict(model_config).items():
+        # The attention backend computes the same function with the same weights: it may change.
+        if saved[key] != value and key != "attn_impl":
+            raise SystemExit(f"resume: {key}={value!r} here but {saved[key]!r} in {ckpt_path}; "
+                             "the model must keep its shape (pass the config file the run started with)")
+    return checkpoint
+
+
+def restore_rng(checkpoint: dict, rank: int, device_type: str) -> None:
+    rng_states = checkpoint["rng"]
+    if rank < len(rng_states):  # a different world size keeps the seeded state for new ranks
+        torch.set_rng_state(rng_states[rank]["cpu"].cpu())
+        if device_type == "cuda" and rng_states[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rng_states[rank]["cuda"].cpu())
+
+
+def save(c: dict, engine, model_config: ModelConfig, meta: dict, iter_num: int, best_val_loss: float,
+         rank: int, world_size: int, device_type: str) -> None:
+    """Each rank writes its optimizer shard first; once every shard is complete, rank 0 writes ckpt.pt naming
+    them, then removes older shards. A kill at any point leaves a ckpt.pt whose shards exist."""
+    full_model = engine.model_state_dict()  # every rank takes part: stage 3 gathers
+    names = shard_names(iter_num, world_size)
+    save_checkpoint(os.path.join(c["out_dir"], names[rank]), optimizer_state_shard(engine))
+    # Gathering the RNG states is also the barrier after which every shard is on disk.
+    rng = all_gather_objects({"cpu": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None})
+    if rank == 0:
+        save_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"), {
+            "model": full_model, "optimizer_shards": names, "zero_stage": c["zero_stage"],
+            "parallel": c["parallel"], "world_size": world_size,
+            "model_config": asdict(model_config), "config": c, "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "tokenizer_sha256": meta["tokenizer_sha256"], "rng": rng})
+        remove_other_shards(c["out_dir"], names)
+
+
+def log_metrics(out_dir: str, record: dict) -> None:
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def mixed_precision(c: dict, device_type: str):
+    """The compute dtype, its autocast context and its loss scaler."""
+    ptdtype = resolve_dtype(c["dtype"], device_type)
+    if ptdtype == torch.float16 and (c["zero_stage"] > 0 or c["parallel"] == "fsdp2"):
+        # GradScaler would see only this rank's slice of the gradient, and ranks could disagree on skipping a step.
+        raise SystemExit("dtype=float16 needs the handwritten zero_stage=0 (loss scaling sees the whole gradient "
+                         "only there): use bfloat16")
+    # Autocast runs matmuls in bf16/fp16 while the weights, optimizer state and reductions stay in
+    # fp32 (mixed precision, Micikevicius et al. 2018). On the CPU bf16 is emulated and ~15x slower.
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    # fp16's narrow exponent range needs loss scaling so small gradients do not flush to zero; bf16 does not.
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    return ptdtype, autocast, scaler
+
+
+def build(c: dict, data: TokenData, rank: int, device_type: str):
+    """The model, its config and its engine, fresh or resumed from out_dir (then with its step and best loss)."""
     try:
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise SystemExit(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
-
-
-def peak_flops(device_type: str, ptdtype: torch.dtype) -> float | None:
-    """Dense bf16 tensor-core peak of the GPU, for MFU (model FLOPs utilisation, PaLM appendix B).
-    Unknown devices (and the CPU) report no MFU rather than a made-up one."""
-    if device_type != "cuda" or ptdtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name()
-    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "4090": 165e12}
-    for key, flops in table.items():
-        if key in name:
-            return flops
-    return None
+        model_config = ModelConfig(vocab_size=data.meta["vocab_size"], **{k: c[k] for k in MODEL_KEYS})
+    except ValueError as e:
+        raise SystemExit(f"model config: {e}")
+    checkpoint = read_resume_checkpoint(c, model_config, data.meta, data.device) if c["init_from"] == "resume" else None
+    model = Transformer(model_config).to(data.device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    broadcast_parameters(model)
+    # The engine owns gradients, their communication and AdamW (with weight decay on matrices only, the
+    # model's param_groups). The fused kernel does the whole update in one launch on the GPU.
+    groups = model.param_groups(c["weight_decay"])
+    adamw = dict(lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=device_type == "cuda")
+    if c["parallel"] == "fsdp2":
+        engine = FSDP2(model, groups, **adamw)
+    else:
+        engine = Engine(model, groups, c["zero_stage"], bucket_mb=c["bucket_mb"], **adamw)
+    if checkpoint is None:
+        return model, model_config, engine, 0, float("inf")
+    load_optimizer_state(engine, load_optimizer_shards(c["out_dir"], checkpoint, os.path.join(c["out_dir"], "ckpt.pt")))
+    restore_rng(checkpoint, rank, device_type)
+    return model, model_config, engine, checkpoint["iter_num"], checkpoint["best_val_loss"]
 
 
 def main(argv: list[str]) -> None:
     config = load_config(DEFAULTS, argv)
     c = config  # short alias for the loop below
 
-    # ---- processes and devices ----------------------------------------------------------------
+    # ---- processes, devices, precision --------------------------------------------------------
     rank, local_rank, world_size = init_distributed(c["dist_timeout_s"])
     master = rank == 0
     check_same_on_all_ranks(config, "config")
-    if c["gradient_accumulation_steps"] % world_size:
-        raise SystemExit(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the "
-                         f"number of processes ({world_size}): each process does an equal share of the micro-batches")
+    check_config(c, world_size)
     accum_steps = c["gradient_accumulation_steps"] // world_size  # micro-batches per process per step
-    device = c["device"]
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(c["device"], local_rank)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype_name = c["dtype"]
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype_name}'")
-    if c["parallel"] not in ("handwritten", "fsdp2"):
-        raise SystemExit(f"parallel must be 'handwritten' or 'fsdp2', got '{c['parallel']}'")
-    if c["zero_stage"] not in (0, 1, 2, 3):
-        raise SystemExit(f"zero_stage must be 0, 1, 2 or 3, got {c['zero_stage']}")
-    if c["parallel"] == "fsdp2" and c["zero_stage"] != 0:
-        raise SystemExit("zero_stage is for parallel='handwritten'; fsdp2 always shards as stage 3 does")
-    if c["parallel"] == "fsdp2" and world_size == 1:
-        raise SystemExit("parallel='fsdp2' needs a process group: launch with torchrun (even --nproc_per_node=1)")
-    if dtype_name == "float16" and (c["zero_stage"] > 0 or c["parallel"] == "fsdp2"):
-        # GradScaler would see only this rank's slice of the gradient, and ranks could disagree on skipping a step.
-        raise SystemExit("dtype=float16 needs the handwritten zero_stage=0 (loss scaling sees the whole gradient "
-                         "only there): use bfloat16")
-    if c["compile"] and c["zero_stage"] == 3:
-        raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
-    ptdtype = getattr(torch, dtype_name)
-    # Autocast runs matmuls in bf16/fp16 while the weights, optimizer state and reductions stay in
-    # fp32 (mixed precision, Micikevicius et al. 2018). On the CPU bf16 is emulated and ~15x slower.
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    # fp16's narrow exponent range needs loss scaling so small gradients do not flush to zero; bf16 does not.
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    ptdtype, autocast, scaler = mixed_precision(c, device_type)
     # TF32 tensor cores for the fp32 matmuls that remain on a GPU (10 mantissa bits: fine for training).
     torch.set_float32_matmul_precision("high")
     # Different dropout masks per rank (they see different data anyway); weights come from rank 0.
     torch.manual_seed(c["seed"] + rank)
 
-    # ---- data ---------------------------------------------------------------------------------
-    meta_path = os.path.join(c["data_dir"], "meta.json")
-    if not os.path.isfile(meta_path):
-        raise SystemExit(f"{meta_path} not found: run prepare_data.py first (or set --data_dir)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    data_dtype = np.dtype(meta["dtype"])
-    bins = {split: os.path.join(c["data_dir"], f"{split}.bin") for split in ("train", "val")}
-    block_size = c["block_size"]
-    n_tokens = {}
-    for split, path in bins.items():
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path} not found: run prepare_data.py again (it writes meta.json last)")
-        n_tokens[split] = os.path.getsize(path) // data_dtype.itemsize
-        if n_tokens[split] <= block_size:
-            raise SystemExit(f"{path} holds {n_tokens[split]} tokens, fewer than block_size + 1 = {block_size + 1}: "
-                             "use a smaller block_size or more data")
-    tokenizer_path = os.path.join(c["data_dir"], "tokenizer.model")
-    # Bytes of text each token stands for: bits per byte = total nats / (ln 2 * total bytes), which
-    # compares runs with different tokenizers. Special tokens stand for no text and count 0.
-    token_bytes = torch.tensor(Tokenizer(tokenizer_path).token_bytes(), dtype=torch.float64, device=device)
-
-    def batch(split: str, it: int, rows: int, stream: int) -> np.ndarray:
-        """Window starts of the global batch for (split, step): the same on every rank, any world size."""
-        rng = np.random.default_rng([c["seed"], stream, it])
-        return rng.integers(0, n_tokens[split] - block_size, size=rows)
-
-    def to_device(x, y):
-        if device_type == "cuda":  # pinned memory lets the copy run asynchronously
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-    # ---- model and optimizer ------------------------------------------------------------------
+    # ---- data, model, optimizer ---------------------------------------------------------------
+    data = TokenData(c, rank, world_size, device)
     os.makedirs(c["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
-    try:
-        model_config = ModelConfig(vocab_size=meta["vocab_size"], **{k: c[k] for k in MODEL_KEYS})
-    except ValueError as e:
-        raise SystemExit(f"model config: {e}")
-    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-    if c["init_from"] == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
-        checkpoint = load_checkpoint(ckpt_path, device)
-        if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
-            raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
-        saved = asdict(ModelConfig(**checkpoint["model_config"]))  # a field added since then has its default
-        for key, value in asdict(model_config).items():
-            # The attention backend computes the same function with the same weights: it may change.
-            if saved[key] != value and key != "attn_impl":
-                raise SystemExit(f"resume: {key}={value!r} here but {saved[key]!r} in {ckpt_path}; "
-                                 "the model must keep its shape (pass the config file the run started with)")
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    elif c["init_from"] != "scratch":
-        raise SystemExit(f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
-    model = Transformer(model_config).to(device)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    broadcast_parameters(model)
-
-    # The engine owns gradients, their communication and AdamW (with weight decay on matrices only). The
-    # fused kernel does the whole update in one launch on the GPU.
-    adamw = dict(lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=device_type == "cuda")
-    if c["parallel"] == "fsdp2":
-        engine = FSDP2(model, c["weight_decay"], **adamw)
-    else:
-        engine = Engine(model, c["weight_decay"], c["zero_stage"], bucket_mb=c["bucket_mb"], **adamw)
-    if checkpoint is not None:
-        if "optimizer_shards" not in checkpoint:
-            raise SystemExit(f"resume: {ckpt_path} has no optimizer shards (written by an older train.py)")
-        shards = []
-        for name in checkpoint["optimizer_shards"]:
-            shard_path = os.path.join(c["out_dir"], name)
-            if not os.path.isfile(shard_path):
-                raise SystemExit(f"resume: {shard_path} is missing; {ckpt_path} needs all "
-                                 f"{len(checkpoint['optimizer_shards'])} optimizer shards written with it")
-            shards.append(load_checkpoint(shard_path, "cpu", mmap=True))
-        engine.load_optimizer_shards(shards)
-        rng_states = checkpoint["rng"]
-        if rank < len(rng_states):  # a different world size keeps the seeded state for new ranks
-            torch.set_rng_state(rng_states[rank]["cpu"].cpu())
-            if device_type == "cuda" and rng_states[rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng_states[rank]["cuda"].cpu())
-    checkpoint = shards = None  # free the loaded copies
+    model, model_config, engine, iter_num, best_val_loss = build(c, data, rank, device_type)
     train_model = torch.compile(model) if c["compile"] else model
 
     moe = len(model.moe_layers()) > 0
-    flops_per_token = model.estimate_flops()
-    peak = peak_flops(device_type, ptdtype)
-    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * block_size
+    flops_per_token, peak = model.estimate_flops(), peak_flops(device_type, ptdtype)
+    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     comm_theory = engine.theory_bytes(accum_steps)
     if master:
         print(json.dumps(config, indent=1))
         active = f" ({model.num_params(active=True) / 1e6:.2f}M active)" if moe else ""
-        print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {meta['vocab_size']}, "
-              f"{world_size} process(es) on {device} in {dtype_name}, {tokens_per_iter:,} tokens per step")
-        with open(os.path.join(c["out_dir"], "config.json"), "w") as f:
+        print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {model_config.vocab_size}, "
+              f"{world_size} process(es) on {device} in {str(ptdtype).removeprefix('torch.')}, "
+              f"{tokens_per_iter:,} tokens per step")
+        with atomic_write(os.path.join(c["out_dir"], "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         # The checkpoint folder carries its own tokenizer, so sample.py needs nothing else.
-        shutil.copyfile(tokenizer_path, os.path.join(c["out_dir"], "tokenizer.model.tmp"))
-        os.replace(os.path.join(c["out_dir"], "tokenizer.model.tmp"), os.path.join(c["out_dir"], "tokenizer.model"))
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """Mean loss on the same eval_iters * batch_size windows of each split every time (a fixed
-        seed: evaluations compare like with like), spread over the ranks and summed back."""
-        model.eval()
-        out = {}
-        for split_id, split in enumerate(("train", "val")):
-            rows = c["eval_iters"] * c["batch_size"] * world_size
-            starts = batch(split, 0, rows, stream=1 + split_id)
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats of text tokens, text bytes
-            for i in range(c["eval_iters"]):
-                lo = (i * world_size + rank) * c["batch_size"]
-                x, y = to_device(*read_windows(bins[split], data_dtype, starts[lo:lo + c["batch_size"]], block_size))
-                with autocast:
-                    logits, _ = model(x)
-                nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
-                nbytes = token_bytes[y.flatten()]
-                sums += torch.stack([nats.sum(), nats.new_tensor(nats.numel()), (nats * (nbytes > 0)).sum(), nbytes.sum()])
-            all_reduce_sum(sums)
-            out[f"{split}_loss"] = (sums[0] / sums[1]).item()
-            out[f"{split}_bpb"] = (sums[2] / (math.log(2) * sums[3])).item()
-        model.train()
-        return out
+        copy_file(data.tokenizer_path, os.path.join(c["out_dir"], "tokenizer.model"))
 
     # ---- the loop -----------------------------------------------------------------------------
-    def log_metrics(record: dict) -> None:
-        with open(os.path.join(c["out_dir"], "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
     start_iter, t_start = iter_num, time.time()
     bar = tqdm(total=c["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
+    x, y = data.train_batch(iter_num, 0)
     while True:
         lr = get_lr(iter_num, config)
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
-            losses = evaluate()
+            losses = evaluate(model, data, autocast)
             improved = losses["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val_loss"])
             if master:
                 bar.write(f"iter {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}, "
                           f"val {losses['val_bpb']:.4f} bits per byte")
-                log_metrics({"iter": iter_num, **losses, "elapsed_s": time.time() - t_start})
+                log_metrics(c["out_dir"], {"iter": iter_num, **losses, "elapsed_s": time.time() - t_start})
             if iter_num > start_iter and (improved or c["always_save_checkpoint"]):
-                # Each rank writes its optimizer shard first; once every shard is complete, rank 0 writes ckpt.pt
-                # naming them, then removes older shards. A kill at any point leaves a ckpt.pt whose shards exist.
-                full_model = engine.model_state_dict()  # every rank takes part: stage 3 gathers
-                shard_names = [f"optimizer.{iter_num}.{r}-of-{world_size}.pt" for r in range(world_size)]
-                save_checkpoint(os.path.join(c["out_dir"], shard_names[rank]), engine.optimizer_shard())
-                rng = all_gather_objects({"cpu": torch.get_rng_state(),
-                                          "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None})
-                if master:
-                    save_checkpoint(ckpt_path, {
-                        "model": full_model, "optimizer_shards": shard_names, "zero_stage": c["zero_stage"],
-                        "parallel": c["parallel"], "world_size": world_size,
-                        "model_config": asdict(model_config), "config": config, "iter_num": iter_num,
-                        "best_val_loss": best_val_loss, "tokenizer_sha256": meta["tokenizer_sha256"], "rng": rng})
-                    for name in os.listdir(c["out_dir"]):
-                        if name.startswith("optimizer.") and name.endswith(".pt") and name not in shard_names:
-                            os.remove(os.path.join(c["out_dir"], name))
-                full_model = None
+                save(c, engine, model_config, data.meta, iter_num, best_val_loss, rank, world_size, device_type)
         if iter_num >= c["max_iters"]:
             break
 
         t0 = time.time()
         engine.comm_stats()  # count this step's traffic only, not the evaluation's
-        starts = batch("train", iter_num, c["gradient_accumulation_steps"] * c["batch_size"], stream=0)
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(accum_steps):
             engine.set_sync(micro_step == accum_steps - 1)  # decided before the forward, as DDP's no_sync
-            # Micro-batch m of rank r is block m * world_size + r of the global batch: the ranks
-            # together cover exactly the rows one process would read, whatever the world size.
-            lo = (micro_step * world_size + rank) * c["batch_size"]
-            x, y = to_device(*read_windows(bins["train"], data_dtype, starts[lo:lo + c["batch_size"]], block_size))
             with autocast:
                 _, loss = train_model(x, y)
+            # Read the next micro-batch while this one is still computing, as nanoGPT does: on CUDA the forward
+            # was only queued, so the host's read and the pinned copy overlap the GPU's work.
+            last = micro_step == accum_steps - 1
+            x, y = data.train_batch(iter_num + last, 0 if last else micro_step + 1)
             # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro
             # batches makes the accumulated gradient the mean over the whole global batch.
             engine.backward(scaler.scale(loss / accum_steps))
@@ -422,7 +382,7 @@ def main(argv: list[str]) -> None:
                           **comm, "comm_bytes_theory": comm_theory}  # per rank, this step
                 if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
                     record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
-                log_metrics(record)
+                log_metrics(c["out_dir"], record)
     bar.close()
     destroy()
 

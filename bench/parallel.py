@@ -31,6 +31,8 @@ sys.path.insert(0, ROOT)
 import parallel  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
+MODEL_FIELDS = set(ModelConfig.__dataclass_fields__)
+
 SHAPE = dict(vocab_size=6400, block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=256)
 GLOBAL_BATCH, WARMUP, STEPS = 8, 2, 6
 OURS = {0: lambda n: 16, 1: lambda n: 8 + 8 / n, 2: lambda n: 4 + 12 / n, 3: lambda n: 16 / n}
@@ -57,7 +59,7 @@ def cpu_worker(stage: int) -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**SHAPE))
     parallel.broadcast_parameters(model)
-    engine = parallel.Engine(model, 0.1, stage, lr=1e-3, betas=(0.9, 0.95), fused=False)
+    engine = parallel.Engine(model, model.param_groups(0.1), stage, lr=1e-3, betas=(0.9, 0.95), fused=False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(rank)
     times, sent, waited, held = [], [], [], 0
@@ -107,17 +109,17 @@ def cpu_table() -> None:
 
 def gpu_table() -> None:
     """MFU at world size 1 of the two configs, each at its own micro-batch (the largest that the config asks)."""
-    from train import DEFAULTS, MODEL_KEYS, load_config, peak_flops
+    from configurator import peak_flops, read_config_file
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, torch.compile\n")
     print("| config | params | micro-batch | tokens/s | MFU |")
     print("|---|---|---|---|---|")
     for path, vocab in (("config/pretrain.py", 6400), ("config/gpt2_124m.py", 50304)):
-        c = load_config(DEFAULTS, [os.path.join(ROOT, path)])
+        c = read_config_file(os.path.join(ROOT, path))  # both configs set the batch and every model key they change
         torch.manual_seed(0)
-        model = Transformer(ModelConfig(vocab_size=vocab, **{k: c[k] for k in MODEL_KEYS})).cuda()
-        engine = parallel.Engine(model, c["weight_decay"], 0, lr=1e-4, betas=(0.9, 0.95), fused=True)
+        model = Transformer(ModelConfig(vocab_size=vocab, **{k: v for k, v in c.items() if k in MODEL_FIELDS})).cuda()
+        engine = parallel.Engine(model, model.param_groups(c["weight_decay"]), 0, lr=1e-4, betas=(0.9, 0.95), fused=True)
         compiled = torch.compile(model)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         batch, block = c["batch_size"], c["block_size"]

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from export_hf import export
 from model import ModelConfig, Transformer
-from sample import load_model
+from checkpoint import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, rope_theta=1e4)

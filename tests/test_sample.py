@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from sample import load_model
+from checkpoint import load_model
 from tokenizer import EOS_ID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

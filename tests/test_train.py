@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from train import DEFAULTS, get_lr, load_config
+from train import DEFAULTS, get_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -41,25 +41,6 @@ def assert_same_weights(a, b, tol):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=tol, rtol=0), f"{k} differs by {(a[k] - b[k]).abs().max()}"
-
-
-def test_config_file_then_overrides_in_order(tmp_path):
-    cfg = tmp_path / "c.py"
-    cfg.write_text("n_layer = 3\nlearning_rate = 1e-3\n_private = 'ignored'\n")
-    config = load_config(DEFAULTS, [str(cfg), "--learning_rate=2", "--device=cpu", "--compile=True"])
-    assert config["n_layer"] == 3
-    assert config["learning_rate"] == 2.0 and type(config["learning_rate"]) is float  # int accepted for float
-    assert config["device"] == "cpu" and config["compile"] is True
-
-
-def test_rope_scaling_is_a_dict_from_the_command_line_or_a_file(tmp_path):
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
-    assert DEFAULTS["rope_scaling"] == {}
-    config = load_config(DEFAULTS, [f"--rope_scaling={yarn}"])
-    assert config["rope_scaling"] == yarn
-    cfg = tmp_path / "c.py"
-    cfg.write_text("rope_scaling = {'rope_type': 'linear', 'factor': 2.0}\n")
-    assert load_config(DEFAULTS, [f"--rope_scaling={yarn}", str(cfg)])["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
 @pytest.mark.parametrize("args, message", [

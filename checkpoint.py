@@ -1,0 +1,89 @@
+"""
+checkpoint.py: the files a training run leaves in its out_dir, and reading them back, for every script.
+
+    model, tokenizer = load_model("out/cpu_demo", "cpu")     # sample.py, export_hf.py, evaluation
+    checkpoint = load_checkpoint("out/cpu_demo/ckpt.pt", "cpu")
+
+An out_dir holds ckpt.pt (the whole model, its ModelConfig, the step, the run's config, every rank's RNG state,
+the names of the optimizer shards written with it), one optimizer.<iter>.<rank>-of-<N>.pt per rank (that rank's
+AdamW moments, as pieces of the flattened parameters: parallel.py), and the tokenizer.model the data was made
+with, so an out_dir is all that sampling or exporting needs.
+
+The one idea: a checkpoint is data, never code. Every file is read with weights_only=True, so unpickling a
+file can build tensors, numbers, strings, lists and dicts but never call a function: a checkpoint downloaded
+from anywhere cannot run anything. Every file is written with files.atomic_write, so a kill leaves the old
+complete file or the new one. Importing this module loads the model and the tokenizer, not the training loop.
+"""
+
+import os
+import pickle
+
+import torch
+
+from files import atomic_write
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
+
+
+def load_checkpoint(path: str, device: str, mmap: bool = False) -> dict:
+    """The checkpoint at path, or one clear sentence if it is torn or not a checkpoint. mmap: tensors are read
+    from disk only when touched (each rank reads only its slices out of every optimizer shard)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            # torch's own message goes on to explain how to load the file anyway: that advice is not passed on.
+            raise SystemExit(f"cannot read {path}: it holds Python objects besides tensors and plain data, and "
+                             "unpickling those could run code") from None
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise SystemExit(f"cannot read {path}: it is torn or not a checkpoint ({type(e).__name__}"
+                         f"{': ' + first_line if first_line else ''})") from None
+
+
+def shard_names(iter_num: int, world_size: int) -> list[str]:
+    """The optimizer shard files of the checkpoint of step iter_num, one per rank."""
+    return [f"optimizer.{iter_num}.{rank}-of-{world_size}.pt" for rank in range(world_size)]
+
+
+def remove_other_shards(out_dir: str, keep: list[str]) -> None:
+    """Delete the optimizer shards of earlier checkpoints, once a newer ckpt.pt names its own."""
+    for name in os.listdir(out_dir):
+        if name.startswith("optimizer.") and name.endswith(".pt") and name not in keep:
+            os.remove(os.path.join(out_dir, name))
+
+
+def load_optimizer_shards(out_dir: str, checkpoint: dict, ckpt_path: str) -> list[dict]:
+    """Every optimizer shard that ckpt.pt names, memory-mapped; one sentence if one is missing or torn."""
+    if "optimizer_shards" not in checkpoint:
+        raise SystemExit(f"resume: {ckpt_path} has no optimizer shards (written by an older train.py)")
+    shards = []
+    for name in checkpoint["optimizer_shards"]:
+        shard_path = os.path.join(out_dir, name)
+        if not os.path.isfile(shard_path):
+            raise SystemExit(f"resume: {shard_path} is missing; {ckpt_path} needs all "
+                             f"{len(checkpoint['optimizer_shards'])} optimizer shards written with it")
+        shards.append(load_checkpoint(shard_path, "cpu", mmap=True))
+    return shards
+
+
+def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a train.py out_dir (ckpt.pt and tokenizer.model)."""
+    ckpt_path, tokenizer_path = os.path.join(ckpt_dir, "ckpt.pt"), os.path.join(ckpt_dir, "tokenizer.model")
+    for path in (ckpt_path, tokenizer_path):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} not found: --ckpt must be an out_dir written by train.py")
+    checkpoint = load_checkpoint(ckpt_path, device)
+    try:
+        model = Transformer(ModelConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"{ckpt_path} is not a checkpoint of this model code ({type(e).__name__}: {str(e).splitlines()[0]})")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise SystemExit(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}")
+    return model.to(device).eval(), tokenizer
