@@ -43,18 +43,12 @@ def assert_same_weights(a, b, tol):
         assert torch.allclose(a[k], b[k], atol=tol, rtol=0), f"{k} differs by {(a[k] - b[k]).abs().max()}"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--learing_rate=1e-3"], "unknown config key 'learing_rate'"),
-    (["--rope_scaling=yarn"], "config key 'rope_scaling' must be dict"),
-    (["--n_layer=2.5"], "config key 'n_layer' must be int"),
-    (["--compile=1"], "config key 'compile' must be bool"),
-    (["--n_layer"], "must look like --key=value"),
-    (["config/does_not_exist.py"], "config file 'config/does_not_exist.py' does not exist"),
-])
-def test_bad_config_is_one_clear_error(args, message):
-    result = run(args, check=False)
-    assert result.returncode == 1
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_config_is_one_clear_error():
+    # Every rule is tested in tests/test_configurator.py; here, that the command turns one into a sentence.
+    for args, message in [(["--learing_rate=1e-3"], "unknown config key 'learing_rate'"),
+                          (["config/nope.py"], "config file 'config/nope.py' does not exist")]:
+        result = run(args, check=False)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_impossible_model_shape_is_a_clear_error(prepared_data):
