@@ -9,18 +9,20 @@ The one idea: the corpus is cut into shards of a few MB that worker processes re
 two passes. The first turns every document into a few numbers: a hash of its text (exact
 duplicates), a MinHash signature (near-duplicates) and the quality filters' verdict. From those
 numbers (and a second look at the texts whose hashes repeat) the parent decides which documents
-stay and which go to validation; the second pass re-reads each shard and tokenizes what stays. Each pass writes one file per shard into out/work/,
-renamed into place when complete, so memory does not grow with the corpus (only the dedup index
-does), the output does not depend on the number of workers or on which shard finishes first, and
---resume skips the shards a killed run had finished. A .bin file is a flat array of token ids (dtype
-in meta.json), each document followed by </s>, meant for np.memmap; <split>_doc_index.npy holds the
-offset where each of its documents starts. A finished output folder is only replaced by another.
+stay and which go to validation; the second pass re-reads each shard and tokenizes what stays.
+Each pass writes one file per shard into out/work/, renamed into place when complete, so memory
+does not grow with the corpus (only the dedup index does), the output does not depend on the
+number of workers or on which shard finishes first, and --resume skips the shards a killed run
+had finished. A .bin file is a flat array of token ids (dtype in meta.json), each document
+followed by </s>, meant for np.memmap; <split>_doc_index.npy holds the offset where each of its
+documents starts. A finished output folder is only replaced by another.
+
+Its parts: readers.py turns every input format into a stream of documents, dedup.py finds the exact
+and near-duplicates among them (MinHash, LSH, union-find), and this file holds the quality filters,
+the workers' two passes, the choice of what stays, and the command.
 """
 import argparse
-import glob
-import gzip
 import hashlib
-import io
 import json
 import math
 import os
@@ -30,8 +32,8 @@ import sys
 import sysconfig
 import time
 import unicodedata
-import zlib
 from collections import Counter
+from contextlib import ExitStack
 from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -39,287 +41,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import (EOS_ID, MAX_TRAIN_BYTES, Tokenizer, check_vocab_size, line_chunks,
-                       token_dtype, train_tokenizer)
+from dedup import (band_keys, estimated_jaccard, exact_duplicates, lsh_bands, minhash, near_duplicate_roots,
+                   unit_hashes)
+from files import atomic_write
+from readers import MAX_WARNINGS, Log, fail, piece_documents, plan_shards, resolve_inputs, stdlib_sources
+from tokenizer import EOS_ID, MAX_TRAIN_BYTES, Tokenizer, check_vocab_size, token_dtype, train_tokenizer
 
-# Documents longer than this are cut at line boundaries into chunks, each then a document of its own
-# (own hash, own </s>). It bounds the memory and the size of a unit of work however long a file is;
-# the cost is one artificial document boundary per ~300k tokens.
-CHUNK_BYTES = 1 << 20
 # Text per MinHash or tokenizer call inside a worker: MinHash's temporaries (~50 bytes per character)
 # then stay in the CPU caches, which makes it several times faster than on one big batch.
 BATCH_BYTES = 1 << 18
-MAX_WARNINGS = 20
 REPORT_PAIRS = 100  # removed/kept pairs that --dedup_report shows
-PAIRS_PER_READ = 1 << 16  # candidate pairs verified at a time: bounds the signature rows in memory
-VERIFY_BYTES = 1 << 28  # text of documents with a shared hash compared at a time: bounds that step's memory
-FOLDER_FILES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 FILTERS = ("min_chars", "max_symbol_fraction", "scripts", "max_repeated_lines")
-EMPTY = np.uint32(0xFFFFFFFF)  # a MinHash bin that no shingle fell into
-PRIME = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it mod 2**64 loses nothing
-POWERS = np.cumprod(np.r_[np.uint64(1), np.full(63, PRIME)])  # PRIME**i mod 2**64, i < 64
-SPACE = np.zeros(0x110000, bool)
-SPACE[[c for c in range(0x3001) if chr(c).isspace()]] = True  # U+3000 is the last space in Unicode
 
 
-def fail(message: str):
-    raise SystemExit(f"prepare_data.py: error: {message}")
-
-
-# ---- reading the inputs -------------------------------------------------------------------------
-
-def input_format(path: str) -> str:
-    """'parquet', 'jsonl' (also .jsonl.gz and .jsonl.zst) or 'text' (any other file is one document)."""
-    if path.endswith(".parquet"):
-        return "parquet"
-    if path.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
-        return "jsonl"
-    if path.endswith((".gz", ".zst")):
-        fail(f"{path}: only JSONL is read compressed (.jsonl.gz, .jsonl.zst)")
-    return "text"
-
-
-def resolve_inputs(specs: list[str]) -> list[str]:
-    """Files named by specs: a file as is, a folder's corpus files (recursively), a glob pattern."""
-    files = []
-    for spec in specs:
-        matches = [spec] if os.path.exists(spec) else sorted(glob.glob(spec, recursive=True))
-        if not matches:
-            fail(f"no file matches the pattern {spec}" if glob.has_magic(spec)
-                 else f"no such file or folder: {spec}")
-        for match in matches:
-            if os.path.isdir(match):
-                found = sorted(str(p) for p in Path(match).rglob("*")
-                               if p.name.endswith(FOLDER_FILES) and p.is_file())
-                if not found:
-                    fail(f"folder {match} holds no .txt, .jsonl (.gz, .zst) or .parquet files")
-                files += found
-            else:
-                files.append(match)
-    for path in files:
-        input_format(path)
-    return files
-
-
-def stdlib_sources() -> list[str]:
-    """The default corpus: every .py file of the running Python's standard library. The walk never enters
-    site-packages: installed packages are not the standard library, and listing them cost most of a second."""
-    files = []
-    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
-        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]
-        files += [os.path.join(folder, name) for name in names if name.endswith(".py")]
-    return sorted(files)
-
-
-def open_parquet(path: str, field: str):
-    """A pyarrow ParquetFile, after checking that it has a string column named field."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        fail(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)")
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        fail(f"{path} is not a readable Parquet file: {e}")
-    schema = parquet.schema_arrow
-    if field not in schema.names or not (pa.types.is_string(schema.field(field).type)
-                                         or pa.types.is_large_string(schema.field(field).type)):
-        fail(f'{path} has no string column "{field}" (its columns: {", ".join(schema.names)}); '
-             "name the text column with --text_field")
-    return parquet
-
-
-def zstd_blocks(path: str):
-    """Decompressed blocks of a .zst file, frame after frame. The zstandard package's own stream
-    reader ends quietly where a file is cut short; here that is an EOFError, as gzip raises."""
-    import zstandard
-    frame = None
-    with open(path, "rb") as f:
-        data = f.read(1 << 20)
-        while data:
-            frame = frame or zstandard.ZstdDecompressor().decompressobj()
-            try:
-                block = frame.decompress(data)
-            except zstandard.ZstdError as e:
-                raise OSError(str(e)) from None
-            yield block
-            if frame.eof:  # a frame ended; what follows it starts the next one
-                frame, data = None, frame.unused_data
-            data = data or f.read(1 << 20)
-    if frame:
-        raise EOFError("compressed data ends in the middle of a frame")
-
-
-def jsonl_lines(path: str, start: int, end: int | None):
-    """The lines of a JSONL file from byte start to end (a compressed file is read whole)."""
-    if path.endswith(".zst"):
-        rest = b""
-        for block in zstd_blocks(path):
-            *lines, rest = (rest + block).split(b"\n")
-            yield from lines
-        if rest:
-            yield rest
-    elif path.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            yield from f
-    else:
-        with open(path, "rb") as f:
-            f.seek(start)
-            while start < end and (line := f.readline()):
-                start += len(line)
-                yield line
-
-
-class Log:
-    """What reading one shard skipped, by reason; its first warnings; the lines of each piece read."""
-
-    def __init__(self):
-        self.counts, self.warnings, self.n_warnings, self.piece_lines = Counter(), [], 0, []
-
-    def skip(self, reason: str, line: int | None = None, message: str | None = None):
-        """Count a skip; a message is a warning about line (None: about the whole file) of this piece."""
-        self.counts[reason] += 1
-        if message:
-            self.n_warnings += 1
-            if len(self.warnings) < MAX_WARNINGS:
-                self.warnings.append((len(self.piece_lines), line, message))
-
-
-def record_text(line: bytes, field: str) -> bytes:
-    """UTF-8 of a JSONL line's text field; a ValueError says what is wrong with the line."""
-    try:
-        record = json.loads(line)
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
-    except ValueError:
-        raise ValueError("not valid JSON") from None
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    if not isinstance(record.get(field), str):
-        raise ValueError(f'no string "{field}" field')
-    try:
-        return record[field].encode()
-    except UnicodeEncodeError:
-        raise ValueError(f'"{field}" holds an unpaired surrogate escape') from None
-
-
-def document_chunks(line: int, data: bytes, log: Log):
-    """(line, text) of a document, or of each of its chunks if it is longer than CHUNK_BYTES."""
-    if not data:
-        log.skip("empty documents")
-    elif len(data) <= CHUNK_BYTES:
-        yield line, data
-    else:
-        for _, chunk in line_chunks(io.BytesIO(data), CHUNK_BYTES):
-            yield line, chunk
-
-
-def jsonl_documents(path: str, start: int, end: int | None, field: str, log: Log):
-    lineno = 0
-    try:
-        for lineno, line in enumerate(jsonl_lines(path, start, end), 1):
-            if not line.strip():
-                continue
-            try:
-                data = record_text(line, field)
-            except ValueError as e:
-                log.skip("malformed JSONL lines", lineno, f"{e}, line skipped")
-                continue
-            yield from document_chunks(lineno, data, log)
-    except (OSError, EOFError, zlib.error) as e:
-        log.skip("unreadable files", lineno + 1, f"cannot decompress ({e}): the file is cut short or "
-                 "corrupt; rest of file skipped")
-    log.piece_lines.append(lineno)
-
-
-def parquet_documents(path: str, first: int, end: int, field: str, log: Log):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    row = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, row_groups=range(first, end), columns=[field]):
-            for data in batch.column(0).cast(pa.large_binary()).to_pylist():  # bytes: Arrow strings are UTF-8
-                row += 1
-                if data is None:
-                    log.skip("malformed Parquet rows", row, f'no "{field}" value, row skipped')
-                else:
-                    yield from document_chunks(row, data, log)
-    except (OSError, pa.ArrowException) as e:
-        log.skip("unreadable files", row + 1, f"cannot read ({e}): the file is corrupt; rest of row group skipped")
-    log.piece_lines.append(row)
-
-
-def text_documents(path: str, log: Log):
-    """A text file is one document (in chunks at line boundaries); one that is not UTF-8 is skipped."""
-    with open(path, "rb") as f:
-        lines = 0
-        for _, data in line_chunks(f, CHUNK_BYTES):  # check all of it before yielding any of it
-            try:
-                data.decode()
-            except UnicodeDecodeError as e:
-                line = lines + data.count(b"\n", 0, e.start) + 1
-                log.skip("non-UTF-8 files", None, f"not UTF-8 at line {line}, file skipped")
-                break
-            lines += data.count(b"\n")
-        else:
-            if f.tell() == 0:
-                log.skip("empty documents")
-            f.seek(0)
-            line = 1
-            for _, data in line_chunks(f, CHUNK_BYTES):
-                yield line, data
-                line += data.count(b"\n")
-    log.piece_lines.append(lines)
-
-
-def plan_shards(paths: list[str], shard_bytes: int, field: str) -> tuple[list[list[tuple]], list[int]]:
-    """Cut the corpus into shards of about shard_bytes: (file, start, end) pieces and their bytes.
-
-    Small files are grouped in order; a big JSONL file is cut at line starts and a Parquet file at
-    row groups; a compressed file is one piece, since it can only be read from its start.
-    """
-    pieces = []
-    for file, path in enumerate(paths):
-        size = os.path.getsize(path)
-        if input_format(path) == "parquet":
-            meta = open_parquet(path, field).metadata
-            pieces += [(file, g, g + 1, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
-        elif path.endswith(".jsonl"):
-            cuts = [0]
-            with open(path, "rb") as f:
-                while cuts[-1] + shard_bytes < size:
-                    f.seek(cuts[-1] + shard_bytes - 1)
-                    f.readline()  # to the start of the first line at least shard_bytes after the last cut
-                    if f.tell() >= size:
-                        break
-                    cuts.append(f.tell())
-            cuts.append(size)
-            pieces += [(file, a, b, b - a) for a, b in zip(cuts[:-1], cuts[1:])]
-        else:
-            if path.endswith(".zst"):
-                try:
-                    import zstandard  # noqa: F401
-                except ImportError:
-                    fail(f"{path}: reading .zst needs the zstandard package (pip install zstandard)")
-            pieces.append((file, 0, None, size))
-    shards, sizes = [[]], [0]
-    for *piece, size in pieces:
-        if sizes[-1] >= shard_bytes:
-            shards.append([])
-            sizes.append(0)
-        shards[-1].append(tuple(piece))
-        sizes[-1] += size
-    return (shards, sizes) if shards[0] else ([], [])
-
-
-# ---- what the first pass computes for each document -----------------------------------------------
-
-@cache
-def char_hashes() -> np.ndarray:
-    """A random 64-bit number for every code point; the fixed seed makes it the same everywhere."""
-    return np.random.default_rng(20261128).integers(0, 2**64, 0x110000, dtype=np.uint64, endpoint=False)
-
+# ---- the quality filters: the first pass's verdict on each document ------------------------------
 
 @cache
 def char_classes() -> tuple[np.ndarray, np.ndarray, dict]:
@@ -367,88 +102,6 @@ def quality_verdicts(texts: list[str], args) -> np.ndarray:
     return np.where(failed.any(0), failed.argmax(0) + 1, 0).astype(np.uint8)
 
 
-def mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, in place: every input bit moves every output bit."""
-    x ^= x >> 30
-    x *= 0xBF58476D1CE4E5B9
-    x ^= x >> 27
-    x *= 0x94D049BB133111EB
-    x ^= x >> 31
-    return x
-
-
-def unit_hashes(texts: list[str], shingle: str) -> tuple[np.ndarray, np.ndarray]:
-    """A 64-bit hash per unit (character, or word: a run of non-space characters) of the texts back
-    to back, and the number of units in each text."""
-    chars = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32)
-    lengths = np.fromiter(map(len, texts), np.int64, len(texts))
-    hashes = char_hashes()[chars]
-    if shingle == "char":
-        return hashes, lengths
-    ends = np.cumsum(lengths)
-    inside = np.flatnonzero(~SPACE[chars])  # (characters that belong to a word,)
-    first = np.ones(len(inside), bool)  # does this character start a word?
-    first[1:] = (inside[1:] != inside[:-1] + 1) | np.isin(inside[1:], ends)
-    starts = np.flatnonzero(first)
-    if len(starts) == 0:
-        return np.zeros(0, np.uint64), np.zeros(len(texts), np.int64)
-    place = np.arange(len(inside)) - np.repeat(starts, np.diff(np.r_[starts, len(inside)]))
-    # Weighting each character by PRIME**place makes the word hash depend on the order of its letters.
-    words = np.add.reduceat(hashes[inside] * POWERS[np.minimum(place, 63)], starts)
-    text_of_word = np.searchsorted(ends, inside[starts], side="right")
-    return words, np.bincount(text_of_word, minlength=len(texts))
-
-
-def minhash(units: np.ndarray, counts: np.ndarray, ngram: int, num_perm: int) -> np.ndarray:
-    """MinHash signatures (len(counts), num_perm) of the texts' sets of n-unit shingles.
-
-    One permutation hashing (Li, Owen & Zhang, 2012): each shingle is hashed once, the hash picks one
-    of num_perm bins, and each bin keeps the smallest hash that falls into it. Two texts agree in a
-    bin that either fills with probability equal to their Jaccard similarity, as with num_perm
-    independent permutations, at one hash per shingle instead of num_perm. Empty bins stay EMPTY.
-    """
-    signature = np.full((len(counts), num_perm), EMPTY)
-    n = len(units) - ngram + 1
-    if n <= 0:
-        return signature
-    h = units[:n].copy()  # (n,) shingle i = units i .. i + ngram - 1, hashed as a polynomial
-    for j in range(1, ngram):
-        h *= PRIME
-        h += units[j:j + n]
-    mix(h)
-    values = (h >> 32).astype(np.uint32)  # the high half is the value...
-    cut = (np.cumsum(counts)[:-1, None] - np.arange(1, ngram)).ravel()
-    values[cut[(cut >= 0) & (cut < n)]] = EMPTY  # (a shingle that runs into the next text adds nothing)
-    h &= 0xFFFFFFFF  # ...the low half picks the bin: low * num_perm / 2**32
-    h *= num_perm
-    h >>= 32
-    bins = h.view(np.int64)
-    bins += np.repeat(np.arange(0, len(counts) * num_perm, num_perm), counts)[:n]  # into the text's row
-    np.minimum.at(signature.reshape(-1), bins, values)
-    return signature
-
-
-def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows): the most rows per band (fewest chance candidates) that still make a pair at
-    exactly the threshold a candidate with probability >= 0.95, i.e. 1 - (1 - t**rows)**bands
-    (Leskovec, Rajaraman & Ullman, Mining of Massive Datasets, ch. 3). 0.8 and 128: 18 bands of 7."""
-    for rows in range(num_perm, 1, -1):
-        if 1 - (1 - threshold**rows) ** (num_perm // rows) >= 0.95:
-            return num_perm // rows, rows
-    return num_perm, 1
-
-
-def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(n, bands) uint32: one hash per band of rows signature values. 32 bits halve the dedup index;
-    the price is a chance collision per band per ~2**32 / n documents, which verification then rejects."""
-    values = signature[:, :bands * rows].reshape(len(signature), bands, rows).astype(np.uint64)
-    key = values[:, :, 0].copy()
-    for j in range(1, rows):
-        key *= PRIME
-        key += values[:, :, j]
-    return (mix(key) >> 32).astype(np.uint32)
-
-
 # ---- the workers' tasks: one shard each -----------------------------------------------------------
 
 worker = {}  # per process: the paths, the shard plan, the arguments; the tokenizer once loaded
@@ -462,15 +115,7 @@ def init_worker(job_path: str):
 def shard_documents(k: int, log: Log):
     """(piece, line, UTF-8 text) of every document of shard k, in corpus order."""
     for piece, (file, start, end) in enumerate(worker["shards"][k]):
-        path = worker["paths"][file]
-        kind = input_format(path)
-        if kind == "parquet":
-            documents = parquet_documents(path, start, end, worker["args"].text_field, log)
-        elif kind == "jsonl":
-            documents = jsonl_documents(path, start, end, worker["args"].text_field, log)
-        else:
-            documents = text_documents(path, log)
-        for line, data in documents:
+        for line, data in piece_documents(worker["paths"][file], start, end, worker["args"].text_field, log):
             yield piece, line, data
 
 
@@ -488,11 +133,9 @@ def batched(items, limit: int = BATCH_BYTES):
 
 
 def save_npz(path: Path, **arrays):
-    """Write to a temporary name, then rename: a file under the real name is always complete."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    """A shard's .npz, written last: its presence marks the shard finished (see finished)."""
+    with atomic_write(path, sync=False) as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def scan_shard(job: tuple) -> int:
@@ -504,8 +147,7 @@ def scan_shard(job: tuple) -> int:
     parts = {"hash": [np.zeros((0, 2), np.uint64)], "length": [np.zeros(0, np.uint32)],
              "verdict": [np.zeros(0, np.uint8)], "bands": [np.zeros((0, bands[0]), np.uint32)]}
     piece_docs = Counter()
-    sig_tmp = folder / f"{k:06d}.sig.{os.getpid()}.tmp"
-    with open(sig_tmp, "wb") as sig_file:
+    with atomic_write(folder / f"{k:06d}.sig", sync=False) as sig_file:
         for batch in batched(shard_documents(k, log)):
             piece_docs.update(piece for piece, _, _ in batch)
             data = [d for _, _, d in batch]
@@ -520,7 +162,6 @@ def scan_shard(job: tuple) -> int:
                 parts["bands"].append(band_keys(signature, *bands))
             else:
                 parts["bands"].append(np.zeros((len(data), 0), np.uint32))
-    os.replace(sig_tmp, folder / f"{k:06d}.sig")
     log_json = {"counts": log.counts, "warnings": log.warnings, "n_warnings": log.n_warnings,
                 "piece_lines": log.piece_lines, "piece_docs": [piece_docs[p] for p in range(len(log.piece_lines))]}
     save_npz(folder / f"{k:06d}.npz", log=np.array(json.dumps(log_json)),
@@ -545,8 +186,8 @@ def tokenize_shard(job: tuple) -> int:
     tokenizer = worker["tokenizer"]
     dtype = token_dtype(tokenizer.vocab_size)
     counts = ([], [])
-    tmp = [folder / f"{k:06d}.{name}.{os.getpid()}.tmp" for name in ("train", "val")]
-    with open(tmp[0], "wb") as train_file, open(tmp[1], "wb") as val_file:
+    with (atomic_write(folder / f"{k:06d}.train", sync=False) as train_file,
+          atomic_write(folder / f"{k:06d}.val", sync=False) as val_file):
         documents = ((split[i], data) for i, (_, _, data) in enumerate(shard_documents(k, Log())) if split[i] >= 0)
         for batch in batched(documents):
             # One thread each: the pool is the parallelism.
@@ -559,8 +200,6 @@ def tokenize_shard(job: tuple) -> int:
                         flat.append(EOS_ID)
                         counts[which].append(len(doc) + 1)
                 f.write(np.array(flat, dtype).tobytes())
-    for name, path in zip(("train", "val"), tmp):
-        os.replace(path, folder / f"{k:06d}.{name}")
     save_npz(folder / f"{k:06d}.npz", train=np.array(counts[0], np.int64), val=np.array(counts[1], np.int64))
     return k
 
@@ -581,41 +220,6 @@ def finished(folder: Path, n_shards: int) -> set[int]:
 
 # ---- deciding what stays: in the parent, from the first pass's numbers ----------------------------
 
-def exact_duplicates(hashes: np.ndarray, lengths: np.ndarray, candidates: np.ndarray, read_texts) -> np.ndarray:
-    """True for each candidate whose text an earlier candidate already had.
-
-    Equal 128-bit BLAKE2b hashes almost surely mean equal texts, but a collision must never drop a
-    distinct document: the documents whose hash another candidate shares are read again
-    (read_texts(docs) yields (doc, UTF-8 text) in corpus order) and their texts compared. Only those
-    are re-read, none in a corpus without duplicates; hash groups are compared in batches of
-    about VERIFY_BYTES of text, so memory stays bounded however many duplicates there are.
-    """
-    index = np.flatnonzero(candidates)
-    _, group, counts = np.unique(hashes[index], axis=0, return_inverse=True, return_counts=True)
-    group = group.ravel()
-    shared = counts[group] > 1
-    docs, group = index[shared], group[shared]  # (documents with a shared hash,) and their hash group
-    group_of = np.full(len(candidates), -1)
-    group_of[docs] = group
-    group_bytes = np.bincount(group, weights=lengths[docs], minlength=len(counts))
-    batch_of_group = (np.cumsum(group_bytes) - group_bytes) // VERIFY_BYTES  # a group never straddles batches
-    duplicate = np.zeros(len(candidates), bool)
-    for batch in np.unique(batch_of_group[group]):
-        texts = {}  # hash group -> the distinct texts met so far (a set compares the bytes themselves)
-        for doc, text in read_texts(docs[batch_of_group[group] == batch]):
-            seen = texts.setdefault(group_of[doc], set())
-            duplicate[doc] = text in seen
-            seen.add(text)
-    return duplicate
-
-
-def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Jaccard similarity of each row pair of signatures: the share of agreeing bins among the bins
-    that either fills (a bin empty in both tells nothing; Li, Owen & Zhang, 2012)."""
-    filled = (a != EMPTY) | (b != EMPTY)
-    return ((a == b) & filled).sum(1) / np.maximum(filled.sum(1), 1)
-
-
 def read_signatures(folder: Path, first_doc: np.ndarray, num_perm: int, docs: np.ndarray) -> np.ndarray:
     """MinHash rows of the documents docs (global indices, any order), from the shards' .sig files."""
     rows = np.empty((len(docs), num_perm), np.uint32)
@@ -627,48 +231,6 @@ def read_signatures(folder: Path, first_doc: np.ndarray, num_perm: int, docs: np
         rows[chosen] = signatures[docs[chosen] - first_doc[k]]
     return rows
 
-
-def cluster_roots(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Union-find over the pairs, vectorised: every document's root is the smallest index in its cluster.
-
-    Each round hooks the larger root of every pair that still disagrees onto the smaller one, then
-    halves all paths until each points at a root; the number of roots falls every round.
-    """
-    root = np.arange(n)
-    a, b = pairs.T
-    while (differ := root[a] != root[b]).any():
-        ra, rb = root[a[differ]], root[b[differ]]
-        np.minimum.at(root, np.maximum(ra, rb), np.minimum(ra, rb))
-        while (root[root] != root).any():
-            root = root[root]
-    return root
-
-
-def near_duplicate_roots(bands: np.ndarray, rows: int, candidates: np.ndarray, signature_rows,
-                         threshold: float) -> np.ndarray:
-    """For each document the earliest document of its near-duplicate cluster (itself if it has none).
-
-    LSH banding: documents equal on every row of some band become candidate pairs (in each band
-    the candidates are sorted by key, and neighbours with equal keys pair up). A pair is joined
-    when the MinHash estimate of its Jaccard similarity reaches the threshold; union-find then
-    merges joined pairs into clusters, so a chain of near-copies is one cluster.
-    """
-    index = np.flatnonzero(candidates)
-    empty_band = band_keys(np.full((1, rows), EMPTY), 1, rows)[0, 0]
-    codes = []
-    for band in range(bands.shape[1]):
-        keys = bands[index, band]
-        order = np.argsort(keys, kind="stable")  # equal keys side by side, in corpus order
-        keys = keys[order]
-        same = (keys[1:] == keys[:-1]) & (keys[1:] != empty_band)  # a band no shingle reached proves nothing
-        codes.append(index[order[:-1][same]] * len(bands) + index[order[1:][same]])
-    codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
-    pairs = np.stack([codes // len(bands), codes % len(bands)], axis=1)
-    similar = np.zeros(len(pairs), bool)
-    for s in range(0, len(pairs), PAIRS_PER_READ):
-        a, b = pairs[s:s + PAIRS_PER_READ].T
-        similar[s:s + PAIRS_PER_READ] = estimated_jaccard(signature_rows(a), signature_rows(b)) >= threshold
-    return cluster_roots(len(bands), pairs[similar])
 
 
 def read_documents(pool, docs: np.ndarray, first_doc: np.ndarray):
@@ -781,22 +343,20 @@ def print_warnings(where, logs: list[dict]) -> Counter:
     return skipped
 
 
-def assemble(folder: Path, n_shards: int, out: Path) -> dict[str, int]:
-    """Concatenate the shards' tokens into out/<split>.bin.tmp in corpus order, and write each
-    document's start offset into out/<split>_doc_index.npy.tmp; return the tokens per split."""
+def assemble(folder: Path, n_shards: int, files: dict) -> dict[str, int]:
+    """Concatenate the shards' tokens into files["<split>.bin"] in corpus order, and write each
+    document's start offset into files["<split>_doc_index.npy"]; return the tokens per split."""
     tokens = {}
     for split in ("train", "val"):
         starts, total = [], 0
-        with open(out / f"{split}.bin.tmp", "wb") as f:
-            for k in range(n_shards):
-                with open(folder / f"{k:06d}.{split}", "rb") as part:
-                    shutil.copyfileobj(part, f, 1 << 24)
-                with np.load(folder / f"{k:06d}.npz") as shard:
-                    counts = shard[split]
-                starts.append(total + np.cumsum(counts) - counts)
-                total += int(counts.sum())
-        with open(out / f"{split}_doc_index.npy.tmp", "wb") as f:
-            np.save(f, np.concatenate(starts))
+        for k in range(n_shards):
+            with open(folder / f"{k:06d}.{split}", "rb") as part:
+                shutil.copyfileobj(part, files[f"{split}.bin"], 1 << 24)
+            with np.load(folder / f"{k:06d}.npz") as shard:
+                counts = shard[split]
+            starts.append(total + np.cumsum(counts) - counts)
+            total += int(counts.sum())
+        np.save(files[f"{split}_doc_index.npy"], np.concatenate(starts))
         tokens[split] = total
     return tokens
 
@@ -812,12 +372,10 @@ def write_report(path: str, pool, near_pairs: tuple, first_doc: np.ndarray, sign
              for k, doc, piece, line, data in read_documents(pool, np.unique(np.r_[removed, kept]), first_doc)}
     jaccard = estimated_jaccard(signature_rows(removed), signature_rows(kept)) if len(removed) else []
     pairs = sorted(zip(jaccard, removed.tolist(), kept.tolist()))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         for j, r, c in pairs:
             f.write(json.dumps({"jaccard": round(float(j), 3), "removed": found[r][0], "kept": found[c][0],
                                 "removed_text": found[r][1], "kept_text": found[c][1]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def fraction(text: str) -> float:
@@ -925,7 +483,8 @@ def main(argv=None):
         if not resuming:
             shutil.rmtree(work, ignore_errors=True)
             (work / "scan").mkdir(parents=True)
-            (work / "settings.json").write_text(json.dumps(settings))
+            with atomic_write(work / "settings.json", "w", sync=False) as f:  # a torn one would break --resume
+                f.write(json.dumps(settings))
         prepare(args, paths, len(train_files), shards, sizes, out, work)
     except SystemExit:  # a clear error about the input: leave nothing of this run behind
         shutil.rmtree(created or work, ignore_errors=True)
@@ -997,29 +556,32 @@ def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]
                                           for k in range(len(shards)) if k not in done], sizes, "tokenize")
         tokenize_seconds = time.time() - tokenize_started
 
-    n_tokens = assemble(tokens, len(shards), out)
     kept_bytes = removed.pop("kept_bytes")
     del removed["train_bytes"]
     bands, rows = lsh_bands(args.dedup_threshold, args.num_perm)
-    meta = {
-        "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name,
-        "eos_id": EOS_ID, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
-        "train_documents": int((split == 0).sum()), "val_documents": int((split == 1).sum()),
-        "doc_index": {"train": "train_doc_index.npy", "val": "val_doc_index.npy"}, **removed,
-        "near_dedup": {"threshold": args.dedup_threshold, "shingle": args.shingle, "ngram": args.ngram,
-                       "num_perm": args.num_perm, "bands": bands, "rows": rows} if args.near_dedup else None,
-        "bytes_read": sum(map(os.path.getsize, paths)), "files": len(paths), "shards": len(shards),
-        "tokenizer_sha256": sha256, "skipped": dict(skipped),
-        "inputs": args.input or [sysconfig.get_paths()["stdlib"]], "val_inputs": args.val_input,
-        "text_field": args.text_field, "val_fraction": None if args.val_input else args.val_fraction,
-        "seed": args.seed,
-    }
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    # meta.json marks a complete folder: it goes first and comes back last, so no crash between the
-    # replaces can leave a meta.json describing files it does not match.
-    (out / "meta.json").unlink(missing_ok=True)
-    for name in ("train.bin", "val.bin", "train_doc_index.npy", "val_doc_index.npy", "meta.json"):
-        os.replace(out / f"{name}.tmp", out / name)
+    # No output replaces the previous one before all are complete, so a failed run keeps the previous
+    # folder. meta.json marks a complete folder: it goes before the first replace and comes back last
+    # (the stack closes its files in reverse order), so no crash between the replaces can leave a
+    # meta.json describing files it does not match.
+    with ExitStack() as stack:
+        files = {name: stack.enter_context(atomic_write(out / name, "w" if name == "meta.json" else "wb"))
+                 for name in ("meta.json", "train.bin", "train_doc_index.npy", "val.bin", "val_doc_index.npy")}
+        n_tokens = assemble(tokens, len(shards), files)
+        meta = {
+            "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name,
+            "eos_id": EOS_ID, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+            "train_documents": int((split == 0).sum()), "val_documents": int((split == 1).sum()),
+            "doc_index": {"train": "train_doc_index.npy", "val": "val_doc_index.npy"}, **removed,
+            "near_dedup": {"threshold": args.dedup_threshold, "shingle": args.shingle, "ngram": args.ngram,
+                           "num_perm": args.num_perm, "bands": bands, "rows": rows} if args.near_dedup else None,
+            "bytes_read": sum(map(os.path.getsize, paths)), "files": len(paths), "shards": len(shards),
+            "tokenizer_sha256": sha256, "skipped": dict(skipped),
+            "inputs": args.input or [sysconfig.get_paths()["stdlib"]], "val_inputs": args.val_input,
+            "text_field": args.text_field, "val_fraction": None if args.val_input else args.val_fraction,
+            "seed": args.seed,
+        }
+        files["meta.json"].write(json.dumps(meta, indent=2) + "\n")
+        (out / "meta.json").unlink(missing_ok=True)
 
     print(f"{out}: {n_tokens['train']:,} train tokens ({meta['train_documents']:,} documents), "
           f"{n_tokens['val']:,} val tokens ({meta['val_documents']:,} documents), {meta['dtype']}, "

@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from prepare_data import stdlib_sources  # noqa: E402
+from readers import stdlib_sources  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 HEADERS = ["# Copyright (c) 2019 Example Corp. All rights reserved.\n# Licensed under the MIT License; see "

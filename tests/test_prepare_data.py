@@ -1,4 +1,5 @@
 """prepare_data.py: the .bin files decode to the kept documents; dedup, filters, formats, resume, bad input."""
+import errno
 import gzip
 import hashlib
 import json
@@ -18,25 +19,14 @@ import pytest
 import zstandard
 
 import prepare_data
-from prepare_data import (MAX_WARNINGS, choose_validation, cluster_roots, estimated_jaccard,
-                          lsh_bands, main, minhash, parse_args, plan_shards, resolve_inputs, shard_documents,
-                          stdlib_sources, unit_hashes)
+from prepare_data import choose_validation, main
+from readers import MAX_WARNINGS
+from test_dedup import jaccard, words
+from test_readers import CHINESE, CODE, FORMAT_RECORDS, write_formats
 from tokenizer import EOS_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
-CODE = '''def mean(xs):
-    """Arithmetic mean; raises on an empty list."""
-    if not xs:
-        raise ValueError("mean of nothing")
-    return sum(xs) / len(xs)
-
-
-class Queue:
-\tdef __init__(self):
-\t\tself.items = []
-'''
-CHINESE = "春天来了，河边的柳树发芽了。孩子们在草地上放风筝，笑声传得很远。\n"
 RECORDS = [CHINESE * 3, "short record 😀", CODE, "  indented\n\tand tabbed  ",
            "第二条记录：数据准备。"]
 
@@ -91,33 +81,6 @@ def run_cli(*args, cwd, script=None):
 
 def snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.suffix != ".tmp"}
-
-
-def read_corpus(paths: list[str], *flags: str, shard_bytes: int = 1 << 20) -> list[tuple[str, str]]:
-    """(file:line, text) of every document, read in this process the way the workers read them."""
-    args = parse_args(list(flags))
-    shards, _ = plan_shards(paths, shard_bytes, args.text_field)
-    prepare_data.worker.update(paths=paths, shards=shards, args=args)
-    found, logs = [], []
-    for k in range(len(shards)):
-        logs.append(prepare_data.Log())
-        found += [(k, piece, line, data) for piece, line, data in shard_documents(k, logs[-1])]
-    offsets = prepare_data.line_offsets(shards, [{"piece_lines": log.piece_lines} for log in logs])
-    return [(paths[shards[k][piece][0]], offsets[k][piece] + line, data.decode()) for k, piece, line, data in found]
-
-
-def words(rng, n: int) -> str:
-    """n random pronounceable words: text that shares almost no 5-character shingles with other such text."""
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "zu", "an", "el", "or", "ix", "um"]
-    return " ".join("".join(rng.choice(syllables, rng.integers(2, 5))) for _ in range(n))
-
-
-def shingles(text: str, n: int = 5) -> set[str]:
-    return {text[i:i + n] for i in range(len(text) - n + 1)}
-
-
-def jaccard(a: str, b: str) -> float:
-    return len(shingles(a) & shingles(b)) / len(shingles(a) | shingles(b))
 
 
 def test_bins_decode_to_the_documents(tmp_path):
@@ -210,80 +173,6 @@ def test_near_duplicates_are_removed_and_template_documents_kept(tmp_path):
     assert [p["jaccard"] for p in pairs] == sorted(p["jaccard"] for p in pairs)
 
 
-def test_minhash_estimates_the_jaccard_similarity_of_shingle_sets():
-    rng = np.random.default_rng(1)
-    base = words(rng, 400)
-    # A shared start and new words after it: Jaccard similarity about 0.9, 0.67, 0.33 and 0.1, then 0.
-    texts = [base] + [base[:int(len(base) * f)] + " " + words(rng, int(400 * (1 - f))) for f in (0.95, 0.8, 0.5, 0.2)]
-    texts.append(words(rng, 400))
-    word_texts = [" ".join(t.split()[::-1]) for t in texts]  # same words, other order: other word shingles
-    def word_shingles(text):
-        return {tuple(text.split()[i:i + 5]) for i in range(len(text.split()) - 4)}
-
-    for unit, batch, reference in (("char", texts, shingles), ("word", word_texts, word_shingles)):
-        signatures = minhash(*unit_hashes(batch, unit), 5, 256)
-        for text, signature in zip(batch[1:], signatures[1:]):
-            exact = len(reference(batch[0]) & reference(text)) / len(reference(batch[0]) | reference(text))
-            assert abs(estimated_jaccard(signatures[:1], signature[None])[0] - exact) < 0.1  # ~3 sigma
-        # A batch is only a speed-up: no shingle spans two texts, so each signature is the text's own.
-        alone = np.concatenate([minhash(*unit_hashes([t], unit), 5, 256) for t in batch])
-        assert (signatures == alone).all()
-
-
-def test_lsh_bands_catch_pairs_at_the_threshold():
-    for threshold, num_perm in ((0.8, 128), (0.5, 64), (0.95, 256)):
-        bands, rows = lsh_bands(threshold, num_perm)
-        assert bands * rows <= num_perm
-        assert 1 - (1 - threshold**rows) ** bands >= 0.95
-        assert 1 - (1 - threshold**(rows + 1)) ** (num_perm // (rows + 1)) < 0.95  # one more row would miss
-    assert lsh_bands(0.8, 128) == (18, 7)
-
-
-def test_cluster_roots_match_a_plain_union_find():
-    rng = np.random.default_rng(2)
-    for n, n_pairs in ((50, 0), (50, 30), (300, 200), (300, 1000)):
-        pairs = rng.integers(0, n, (n_pairs, 2))
-        parent = list(range(n))
-
-        def find(i):
-            while parent[i] != i:
-                i = parent[i]
-            return i
-        for a, b in pairs.tolist():
-            parent[find(a)] = find(b)
-        members = {}
-        for i in range(n):
-            members.setdefault(find(i), []).append(i)
-        expected = [min(members[find(i)]) for i in range(n)]
-        assert cluster_roots(n, pairs).tolist() == expected
-
-
-@pytest.mark.parametrize("verify_bytes", [1 << 28, 100])  # one batch; many batches of hash groups
-def test_exact_duplicates_compare_texts_so_a_hash_collision_keeps_distinct_documents(monkeypatch, verify_bytes):
-    monkeypatch.setattr(prepare_data, "VERIFY_BYTES", verify_bytes)
-    texts = [f"document {i}".encode() for i in np.random.default_rng(3).integers(0, 40, 300)]
-    # A hash with only three values: nearly every pair of distinct texts collides.
-    hashes = np.array([[len(t) % 3, 0] for t in texts], np.uint64)
-    lengths = np.array([len(t) for t in texts])
-    candidates = np.arange(300) % 7 != 0
-    seen, expected = set(), []
-    for text, candidate in zip(texts, candidates):
-        expected.append(bool(candidate and text in seen))
-        seen |= {text} if candidate else set()
-    read = []
-
-    def read_texts(docs):
-        assert (np.diff(docs) > 0).all()  # corpus order, each document once
-        read.extend(docs.tolist())
-        return ((d, texts[d]) for d in docs)
-
-    assert prepare_data.exact_duplicates(hashes, lengths, candidates, read_texts).tolist() == expected
-    assert sorted(read) == np.flatnonzero(candidates).tolist()
-    read.clear()
-    distinct = np.arange(600, dtype=np.uint64).reshape(300, 2)
-    assert not prepare_data.exact_duplicates(distinct, lengths, candidates, read_texts).any() and read == []
-
-
 def test_output_is_identical_for_any_workers_shards_and_shard_order(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
     near_duplicate_corpus(corpus / "more")
@@ -358,49 +247,16 @@ def test_resume_after_a_kill_gives_identical_files(tmp_path):
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "fresh")
 
 
-def write_formats(folder: Path, records: list) -> list[str]:
-    """The same records (None: a missing text) as JSONL, gzip and zstd JSONL, and Parquet in row groups of 2."""
-    folder.mkdir()
-    lines = "".join(json.dumps({"content": r} if r is not None else {"other": 1}) + "\n" for r in records).encode()
-    (folder / "a.jsonl").write_bytes(lines)
-    (folder / "b.jsonl.gz").write_bytes(gzip.compress(lines))
-    (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    pq.write_table(pa.table({"id": range(len(records)), "content": records}), folder / "d.parquet", row_group_size=2)
-    return resolve_inputs([str(folder)])
-
-
 def test_each_input_format_round_trips(tmp_path):
-    records = ["first 😀", None, CODE, "第二条记录", CHINESE * 2, "x" * 3000, "", "last\n"]
-    paths = write_formats(tmp_path / "corpus", records)
-    assert [Path(p).name for p in paths] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet"]
-    expected = [(line, text) for line, text in enumerate(records, 1) if text]
-    for shard_bytes in (1 << 20, 100):  # whole files, and files cut into many pieces
-        documents = read_corpus(paths, "--text_field", "content", shard_bytes=shard_bytes)
-        for path in paths:
-            assert [(line, text) for p, line, text in documents if p == path] == expected
+    write_formats(tmp_path / "corpus", FORMAT_RECORDS)  # test_readers checks how each format reads
+    expected = [text for text in FORMAT_RECORDS if text]
     out = tmp_path / "out"
     main(["--input", str(tmp_path / "corpus"), "--out", str(out), "--text_field", "content", "--vocab_size", "400",
           "--shard_mb", "0.0001"])
-    assert sorted(kept_documents(out)) == sorted(text for _, text in expected)
+    assert sorted(kept_documents(out)) == sorted(expected)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["duplicates_removed"] == 3 * len(expected)
     assert meta["skipped"] == {"malformed JSONL lines": 3, "malformed Parquet rows": 1, "empty documents": 4}
-
-
-def test_long_documents_become_chunks_at_line_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_data, "CHUNK_BYTES", 256)
-    text = "".join(f"line {i} 中文\n" for i in range(300)) + "长" * 400
-    (tmp_path / "big.txt").write_text(text)
-    (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    documents = read_corpus(resolve_inputs([str(tmp_path)]))
-    for path in ("big.jsonl", "big.txt"):
-        chunks = [t.encode() for p, _, t in documents if p.endswith(path)]
-        assert len(chunks) > 10 and b"".join(chunks) == text.encode()
-        assert all(len(c) <= 256 for c in chunks)
-        # A chunk ends mid-line only when it holds part of a line too long for any chunk.
-        assert all(c.endswith(b"\n") or "\n" not in c.decode() for c in chunks)
-    txt_lines = [line for p, line, _ in documents if p.endswith("big.txt")]
-    assert txt_lines[0] == 1 and txt_lines == sorted(txt_lines) and txt_lines[-1] > 250  # where each chunk starts
 
 
 def test_quality_filters_drop_documents_and_count_each(tmp_path):
@@ -432,13 +288,6 @@ def test_val_input_forms_the_validation_split(tmp_path, monkeypatch):
     out = Path("data/head")  # the default folder is named after the single input
     assert decode_documents(out, "train") == [head]
     assert decode_documents(out, "val") == [tail]
-
-
-def test_stdlib_sources_are_python_files_outside_site_packages():
-    files = stdlib_sources()
-    assert len(files) > 500 and all(f.endswith(".py") for f in files)
-    assert not any("site-packages" in Path(f).parts for f in files)
-    assert any(Path(f).parts[-2:] == ("json", "decoder.py") for f in files)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -527,7 +376,7 @@ def test_warnings_are_capped(tmp_path):
     assert len(warnings) == MAX_WARNINGS + 1 and "10 more warnings not shown" in warnings[-1]
 
 
-def test_failed_run_keeps_the_previous_output(tmp_path):
+def test_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     main(["--input", str(corpus), "--out", str(out), "--vocab_size", "500"])
@@ -536,8 +385,16 @@ def test_failed_run_keeps_the_previous_output(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     # Fails early: nothing to tokenize.
     assert run_cli("--input", "empty.txt", "--out", "out", cwd=tmp_path).returncode == 1
-    # Fails at the very end, after both .bin files were written: meta.json.tmp cannot be created.
-    (out / "meta.json.tmp").mkdir()
-    result = run_cli("--input", "other.txt", "corpus", "--out", "out", cwd=tmp_path)
-    assert result.returncode != 0 and (out / "train.bin.tmp").stat().st_size > 0
-    assert snapshot(out) == before
+    # Fails at the very end, after both .bin files were written (the disk fills up, say).
+    assemble, written = prepare_data.assemble, {}
+
+    def assemble_then_fail(folder, n_shards, files):
+        assemble(folder, n_shards, files)
+        written.update({name: f.tell() for name, f in files.items() if name.endswith(".bin")})
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare_data, "assemble", assemble_then_fail)
+    with pytest.raises(OSError, match="No space left on device"):
+        main(["--input", str(tmp_path / "other.txt"), str(corpus), "--out", str(out)])
+    assert written["train.bin"] > 0 and written["val.bin"] > 0
+    assert snapshot(out) == before and not list(out.glob("*.tmp"))  # and no temporary file is left behind
