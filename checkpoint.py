@@ -15,6 +15,8 @@ from anywhere cannot run anything. Every file is written with files.atomic_write
 complete file or the new one. Importing this module loads the model and the tokenizer, not the training loop.
 """
 
+import errno
+import hashlib
 import os
 import pickle
 
@@ -26,8 +28,12 @@ from tokenizer import Tokenizer
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    with atomic_write(path) as f:
-        torch.save(checkpoint, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)
+    except RuntimeError:
+        # torch.save reports a write that failed part-way (a full disk, a file-size limit) as "unexpected pos ...".
+        raise OSError(errno.ENOSPC, "the write failed part-way (is the disk full?); nothing was replaced", path) from None
 
 
 def load_checkpoint(path: str, device: str, mmap: bool = False) -> dict:
@@ -67,8 +73,19 @@ def load_optimizer_shards(out_dir: str, checkpoint: dict, ckpt_path: str) -> lis
         if not os.path.isfile(shard_path):
             raise SystemExit(f"resume: {shard_path} is missing; {ckpt_path} needs all "
                              f"{len(checkpoint['optimizer_shards'])} optimizer shards written with it")
-        shards.append(load_checkpoint(shard_path, "cpu", mmap=True))
+        shard = load_checkpoint(shard_path, "cpu", mmap=True)
+        # Shards of another run with the same layout would load without complaint and quietly change the
+        # optimizer's state: each file carries the run's identity and step. (Checkpoints from before run_id
+        # existed carry none, and are taken as they are.)
+        if "run_id" in checkpoint and (shard.get("run_id"), shard.get("iter_num")) != (checkpoint["run_id"], checkpoint["iter_num"]):
+            raise SystemExit(f"resume: {shard_path} was written by another run or at another step than {ckpt_path}")
+        shards.append(shard)
     return shards
+
+
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
@@ -83,6 +100,10 @@ def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"{ckpt_path} is not a checkpoint of this model code ({type(e).__name__}: {str(e).splitlines()[0]})")
+    tokenizer_sha256 = sha256_of(tokenizer_path)
+    if checkpoint.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
+        raise SystemExit(f"{tokenizer_path} is not the tokenizer {ckpt_path} was trained with (its sha256 differs): "
+                         "put the run's own tokenizer.model back")
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise SystemExit(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}")

@@ -61,9 +61,20 @@ def load_config(defaults: dict, argv: list[str]) -> dict:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> str:
-    """"auto" is this process's GPU (cuda:local_rank under torchrun) when there is one, else the CPU."""
+    """"auto" is this process's GPU (cuda:local_rank under torchrun) when there is one, else the CPU; "cpu", "cuda"
+    and "cuda:N" are checked against what this machine has, so a missing GPU is a sentence, not a crash later."""
     if name == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device={name} but this machine has no CUDA GPU that torch can use: use device=cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"device={name} but this machine has {torch.cuda.device_count()} GPU(s)")
     return name
 
 

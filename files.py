@@ -11,6 +11,7 @@ name carries the process id, so two writers never write into one temporary file,
 removes its temporary file instead of leaving it behind.
 """
 
+import fcntl
 import os
 import shutil
 from contextlib import contextmanager
@@ -22,7 +23,8 @@ def atomic_write(path, mode: str = "wb", sync: bool = True):
 
     sync: fsync before the rename, so that the rename cannot reach the disk before the data (after a power
     cut a renamed but unsynced file can be empty). Scratch files of a resumable pass may skip it: a killed
-    process loses nothing the kernel already holds, and a power cut only makes that pass run again.
+    process loses nothing the kernel already holds; only a power cut can, and then the pass must run again
+    from the start (without --resume).
     """
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -33,11 +35,13 @@ def atomic_write(path, mode: str = "wb", sync: bool = True):
             if sync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError) and e.filename in (None, tmp):  # a full disk, a read-only folder: named by
+            raise OSError(e.errno, e.strerror, path) from None      # the file the caller asked for
         raise
 
 
@@ -45,3 +49,22 @@ def copy_file(src, dst) -> None:
     """Copy src to dst through atomic_write: a reader of dst never sees half a copy."""
     with open(src, "rb") as source, atomic_write(dst) as f:
         shutil.copyfileobj(source, f)
+
+
+def lock_folder(folder: str, what: str):
+    """Take folder/.lock for as long as the returned file stays open, or stop with one sentence if another process
+    holds it: two runs writing into one folder would overwrite each other's files. flock is released by the
+    kernel when the process ends, however it ends, so a killed run never leaves a stale lock."""
+    f = open(os.path.join(folder, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise SystemExit(f"{folder} is in use by another {what} (it holds {folder}/.lock): wait for it to finish "
+                         "or choose another folder") from None
+    return f
+
+
+def os_error(script: str, e: OSError) -> SystemExit:
+    """The one sentence for a file that cannot be written or read: a folder that is a file, read-only, full."""
+    return SystemExit(f"{script}: {e.filename}: {e.strerror}" if e.filename else f"{script}: {e}")

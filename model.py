@@ -84,6 +84,14 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta", "routed_scaling_factor"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("inter_dim", "moe_inter_dim", "bias_update_rate", "balance_loss_coef"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attn_impl not in ("auto", "flash", "sdpa", "eager"):
             raise ValueError(f"attn_impl must be 'auto', 'flash', 'sdpa' or 'eager', got {self.attn_impl!r}")
         if self.attn == "gqa":
@@ -658,6 +666,20 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
 
 
+def last_real_tokens(tokens, is_real, lengths):
+    """The last lengths[r] real tokens of each row r of tokens (B, T), left-padded to the longest: (B, max) tokens
+    and their is_real mask. Without padding and with equal lengths, simply tokens[:, -length:]."""
+    width = max(lengths)
+    if all(n == width for n in lengths) and bool(is_real[:, -width:].all()):
+        return tokens[:, -width:], is_real[:, -width:]
+    window = tokens.new_zeros(tokens.size(0), width)
+    window_is_real = torch.zeros_like(window, dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        window[r, width - n:] = tokens[r][is_real[r]][-n:]
+        window_is_real[r, width - n:] = True
+    return window, window_is_real
+
+
 class Transformer(nn.Module):
     """Token embedding, n_layer blocks, final norm, and the output projection to vocabulary logits."""
 
@@ -778,24 +800,34 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None):
         """Yield the next token of every row, (B,), max_new_tokens times, continuing prompts idx (B, T).
 
-        The prompt is prefilled into a KV cache, then only the newest token runs each step. When the cache is
-        full (block_size tokens), it restarts from the last block_size // 2 tokens, re-prefilled: a sliding
+        The prompt is prefilled into a KV cache, then only the newest token runs each step. When a row's cache is
+        full (block_size tokens), it restarts from that row's last block_size // 2 tokens, re-prefilled: a sliding
         window like nanoGPT's cropping, re-prefilled only every block_size // 2 steps instead of every step.
         Each token is thus predicted from between block_size // 2 and block_size tokens of context.
-        attention_mask (B, T) marks left padding of the prompts, as in forward().
+        attention_mask (B, T) marks left padding of the prompts, as in forward(). Padding never counts as context:
+        each row keeps exactly the tokens it would keep alone, so a padded row computes what it computes alone
+        (a restart of one row re-prefills the others with the context they already had).
         """
         block = self.config.block_size
-        tokens = idx
         is_real = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        kv_cache = None
+        if idx.size(1) == 0 or not bool(is_real.any(dim=1).all()):
+            raise ValueError("generate needs at least one real prompt token in every row (to start a fresh "
+                             "document, pass the end-of-text token </s>)")
+        tokens, kv_cache, context = idx, None, None  # context[r]: how many of row r's last tokens its cache holds
         for _ in range(max_new_tokens):
-            if kv_cache is None or kv_cache.length == block:
-                keep = block if kv_cache is None else block // 2
+            if kv_cache is None or block in context:
+                if kv_cache is None:
+                    context = [min(int(n), block) for n in is_real.sum(dim=1)]
+                else:  # a full row restarts from its last block // 2 tokens; the others keep theirs, the newest too
+                    context = [block // 2 if n == block else n + 1 for n in context]
+                window, window_is_real = last_real_tokens(tokens, is_real, context)
                 kv_cache = KVCache(self.config, idx.size(0), block, device=idx.device)
-                logits, _ = self(tokens[:, -keep:], attention_mask=is_real[:, -keep:], kv_cache=kv_cache)
+                logits, _ = self(window, attention_mask=window_is_real, kv_cache=kv_cache)
             else:
                 logits, _ = self(tokens[:, -1:], kv_cache=kv_cache)
+                context = [n + 1 for n in context]
             next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p)  # (B,)
             yield next_token
             tokens = torch.cat((tokens, next_token[:, None]), dim=1)
             is_real = torch.cat((is_real, torch.ones_like(next_token[:, None], dtype=torch.bool)), dim=1)
+

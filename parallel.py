@@ -100,6 +100,24 @@ def check_same_on_all_ranks(config: dict, what: str) -> None:
                              f"but {other.get(k)!r} on rank {rank}")
 
 
+def on_rank0(fn):
+    """fn() on rank 0 alone (the checks and writes of shared files); its SystemExit is raised on every rank with the
+    same sentence, so no rank is left waiting in a collective for one that stopped. Returns fn's result on rank 0."""
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except SystemExit as e:
+            error = str(e)
+    error = all_gather_objects(error)[0]
+    if error is not None:
+        destroy()
+        raise SystemExit(error)
+    return result
+
+
 def broadcast_parameters(model: torch.nn.Module) -> None:
     """Copies rank 0's parameters and buffers to every rank, so all replicas start identical
     whatever each rank's random initialisation produced."""

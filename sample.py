@@ -10,6 +10,7 @@ same at position 10 as at position 500 instead of re-reading the whole prefix.
 """
 
 import argparse
+import math
 import sys
 import time
 
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    if args.temperature < 0 or args.num_samples < 1 or args.max_new_tokens < 1:
-        parser.error("--temperature must be >= 0, --num_samples and --max_new_tokens >= 1")
+    if not 0 <= args.temperature < math.inf or args.num_samples < 1 or args.max_new_tokens < 1:
+        parser.error("--temperature must be a number >= 0, --num_samples and --max_new_tokens >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error("--top_p must be in (0, 1]")
     if args.top_k is not None and args.top_k < 1:

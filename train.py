@@ -15,11 +15,13 @@ micro-batches and parallel.py averages, so the step is the same computation what
 batch drawn for step `it` depends only on (seed, it), which makes a resumed run replay exactly.
 """
 
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, fields
 
@@ -31,10 +33,11 @@ from tqdm import tqdm
 from checkpoint import (load_checkpoint, load_optimizer_shards, remove_other_shards, save_checkpoint,
                         shard_names)
 from configurator import load_config, peak_flops, resolve_device, resolve_dtype
-from files import atomic_write, copy_file
+from files import atomic_write, copy_file, lock_folder, os_error
 from model import ModelConfig, Transformer
 from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
-                      check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, optimizer_state_shard)
+                      check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, on_rank0,
+                      optimizer_state_shard)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -45,6 +48,7 @@ from tokenizer import Tokenizer
 out_dir = "out"
 data_dir = "data/pystdlib"  # made by prepare_data.py: train.bin, val.bin, meta.json, tokenizer.model
 init_from = "scratch"  # or "resume": continue from out_dir/ckpt.pt
+overwrite = False  # a fresh run into an out_dir that holds a run replaces it only when this is True
 eval_interval = 250
 eval_iters = 20  # batches per split per evaluation
 log_interval = 10
@@ -78,8 +82,31 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 # -----------------------------------------------------------------------------------------------
 
 
+# Every numeric training key has a valid range, checked before any work (the model's keys: ModelConfig).
+POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
+            "learning_rate", "dist_timeout_s", "bucket_mb")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed")
+
+
 def check_config(c: dict, world_size: int) -> None:
-    """Settings that cannot work together, refused with one sentence before any work is done."""
+    """Values out of range and settings that cannot work together, refused with one sentence before any work."""
+    for key, value in c.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"{key} must be a finite number, got {value}")
+    for key in POSITIVE:
+        if not c[key] > 0:
+            raise SystemExit(f"{key} must be positive, got {c[key]}")
+    for key in NON_NEGATIVE:
+        if not c[key] >= 0:
+            raise SystemExit(f"{key} must be >= 0, got {c[key]}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= c[key] < 1:
+            raise SystemExit(f"{key} must be in [0, 1), got {c[key]}")
+    if c["min_lr"] > c["learning_rate"]:
+        raise SystemExit(f"min_lr ({c['min_lr']}) must not exceed learning_rate ({c['learning_rate']})")
+    for key in ("out_dir", "data_dir"):
+        if not c[key]:
+            raise SystemExit(f"{key} must name a folder")
     if c["gradient_accumulation_steps"] % world_size:
         raise SystemExit(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the "
                          f"number of processes ({world_size}): each process does an equal share of the micro-batches")
@@ -121,6 +148,25 @@ def read_windows(path: str, dtype: np.dtype, starts: np.ndarray, block_size: int
     return windows[:, :-1], windows[:, 1:]
 
 
+def read_meta(data_dir: str) -> tuple[dict, str]:
+    """prepare_data.py's meta.json with the keys train.py relies on, and its sha256; one sentence if it is missing
+    or corrupt."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"{meta_path} not found: run prepare_data.py first (or set --data_dir)")
+    try:
+        with open(meta_path, "rb") as f:
+            text = f.read()
+        meta = json.loads(text)
+        np.dtype(meta["dtype"])
+        if not (isinstance(meta, dict) and all(isinstance(meta[k], int) for k in ("vocab_size", "train_tokens", "val_tokens"))
+                and isinstance(meta["tokenizer_sha256"], str)):
+            raise ValueError("a field has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{meta_path} is corrupt ({type(e).__name__}: {e}): run prepare_data.py again") from None
+    return meta, hashlib.sha256(text).hexdigest()
+
+
 class TokenData:
     """The token files of a prepare_data.py folder, and the micro-batches each rank reads from them.
 
@@ -133,21 +179,23 @@ class TokenData:
         self.seed, self.block_size, self.batch_size = c["seed"], c["block_size"], c["batch_size"]
         self.train_rows, self.eval_iters = c["gradient_accumulation_steps"] * c["batch_size"], c["eval_iters"]
         self.rank, self.world_size, self.device = rank, world_size, device
-        meta_path = os.path.join(c["data_dir"], "meta.json")
-        if not os.path.isfile(meta_path):
-            raise SystemExit(f"{meta_path} not found: run prepare_data.py first (or set --data_dir)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.dtype = np.dtype(self.meta["dtype"])
+        self.meta, self.meta_sha256 = read_meta(c["data_dir"])
+        self.dtype, self.vocab_size = np.dtype(self.meta["dtype"]), self.meta["vocab_size"]
         self.bins = {split: os.path.join(c["data_dir"], f"{split}.bin") for split in ("train", "val")}
         self.n_tokens = {}
         for split, path in self.bins.items():
             if not os.path.isfile(path):
                 raise SystemExit(f"{path} not found: run prepare_data.py again (it writes meta.json last)")
-            self.n_tokens[split] = os.path.getsize(path) // self.dtype.itemsize
+            size = os.path.getsize(path)
+            if size % self.dtype.itemsize or size // self.dtype.itemsize != self.meta[f"{split}_tokens"]:
+                raise SystemExit(f"{path} holds {size} bytes, not the {self.meta[f'{split}_tokens']:,} {self.dtype} "
+                                 "tokens its meta.json describes: it is cut short or from another run of prepare_data.py")
+            self.n_tokens[split] = size // self.dtype.itemsize
             if self.n_tokens[split] <= self.block_size:
                 raise SystemExit(f"{path} holds {self.n_tokens[split]} tokens, fewer than block_size + 1 = "
                                  f"{self.block_size + 1}: use a smaller block_size or more data")
+        # What every rank must agree on: ranks reading different data would each train on their own corpus.
+        self.identity = {"meta.json": self.meta_sha256, **{f"{split}.bin tokens": n for split, n in self.n_tokens.items()}}
         self.tokenizer_path = os.path.join(c["data_dir"], "tokenizer.model")
         # Bytes of text each token stands for: bits per byte = total nats / (ln 2 * total bytes), which
         # compares runs with different tokenizers. Special tokens stand for no text and count 0.
@@ -159,16 +207,22 @@ class TokenData:
         return self._micro_batch("train", it, 0, self.train_rows, micro_step)
 
     def eval_batch(self, split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's batch i of the evaluation windows of split: the same windows at every evaluation."""
+        """Batch i of the eval_iters * batch_size evaluation windows of split: the same windows at every evaluation
+        and for any world size (rank r reads batches r, r + world_size, ...)."""
         stream = 1 + ("train", "val").index(split)
-        return self._micro_batch(split, 0, stream, self.eval_iters * self.batch_size * self.world_size, i)
+        return self._micro_batch(split, 0, stream, self.eval_iters * self.batch_size, i // self.world_size,
+                                 rank=i % self.world_size)
 
-    def _micro_batch(self, split: str, it: int, stream: int, rows: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch m of the `rows` windows of (split, it, stream), on the device."""
+    def _micro_batch(self, split: str, it: int, stream: int, rows: int, m: int, rank: int | None = None):
+        """Rank's micro-batch m (block m * world_size + rank) of the `rows` windows of (split, it, stream), on the
+        device; x and y (batch_size, block_size). rank None: this process's own."""
         rng = np.random.default_rng([self.seed, stream, it])
         starts = rng.integers(0, self.n_tokens[split] - self.block_size, size=rows)
-        lo = (m * self.world_size + self.rank) * self.batch_size
+        lo = (m * self.world_size + (self.rank if rank is None else rank)) * self.batch_size
         x, y = read_windows(self.bins[split], self.dtype, starts[lo:lo + self.batch_size], self.block_size)
+        if y.max() >= self.vocab_size or x.max() >= self.vocab_size:  # an embedding lookup would crash, on a GPU cryptically
+            raise SystemExit(f"{self.bins[split]} holds a token id beyond the vocabulary of {self.vocab_size}: it was "
+                             "not made with this folder's tokenizer")
         if self.device.startswith("cuda"):  # pinned memory lets the copy run asynchronously
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -182,10 +236,14 @@ def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
     out = {}
     for split in ("train", "val"):
         sums = torch.zeros(4, dtype=torch.float64, device=data.device)  # nats, tokens, nats of text tokens, text bytes
-        for i in range(data.eval_iters):
-            x, y = data.eval_batch(split, i)
+        # Every rank runs as many forwards (stage 3 and FSDP2 gather parameters in each); a rank past the last
+        # batch recomputes batch 0 and counts nothing of it.
+        for i in range(data.rank, data.eval_iters + (-data.eval_iters) % data.world_size, data.world_size):
+            x, y = data.eval_batch(split, i if i < data.eval_iters else 0)
             with autocast:
                 logits, _ = model(x)
+            if i >= data.eval_iters:
+                continue
             nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
             nbytes = data.token_bytes[y.flatten()]
             sums += torch.stack([nats.sum(), nats.new_tensor(nats.numel()), (nats * (nbytes > 0)).sum(), nbytes.sum()])
@@ -221,23 +279,72 @@ def restore_rng(checkpoint: dict, rank: int, device_type: str) -> None:
             torch.cuda.set_rng_state(rng_states[rank]["cuda"].cpu())
 
 
-def save(c: dict, engine, model_config: ModelConfig, meta: dict, iter_num: int, best_val_loss: float,
-         rank: int, world_size: int, device_type: str) -> None:
+def save(c: dict, engine, model_config: ModelConfig, data: TokenData, progress: dict) -> None:
     """Each rank writes its optimizer shard first; once every shard is complete, rank 0 writes ckpt.pt naming
-    them, then removes older shards. A kill at any point leaves a ckpt.pt whose shards exist."""
+    them, then removes older shards. A kill at any point leaves a ckpt.pt whose shards exist. progress: iter_num,
+    best_val_loss and run_id, the run's identity that ckpt.pt and every shard carry."""
     full_model = engine.model_state_dict()  # every rank takes part: stage 3 gathers
-    names = shard_names(iter_num, world_size)
-    save_checkpoint(os.path.join(c["out_dir"], names[rank]), optimizer_state_shard(engine))
+    names = shard_names(progress["iter_num"], data.world_size)
+    shard = {**optimizer_state_shard(engine), "run_id": progress["run_id"], "iter_num": progress["iter_num"]}
+    save_checkpoint(os.path.join(c["out_dir"], names[data.rank]), shard)
     # Gathering the RNG states is also the barrier after which every shard is on disk.
-    rng = all_gather_objects({"cpu": torch.get_rng_state(),
-                              "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None})
-    if rank == 0:
+    on_gpu = data.device.startswith("cuda")
+    rng = all_gather_objects({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if on_gpu else None})
+    if data.rank == 0:
         save_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"), {
             "model": full_model, "optimizer_shards": names, "zero_stage": c["zero_stage"],
-            "parallel": c["parallel"], "world_size": world_size,
-            "model_config": asdict(model_config), "config": c, "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "tokenizer_sha256": meta["tokenizer_sha256"], "rng": rng})
+            "parallel": c["parallel"], "world_size": data.world_size, "model_config": asdict(model_config),
+            "config": c, **progress, "tokenizer_sha256": data.meta["tokenizer_sha256"], "rng": rng})
         remove_other_shards(c["out_dir"], names)
+
+
+def claim_out_dir(c: dict):
+    """Rank 0's out_dir: a folder (made if missing), locked for this run; for a fresh run one without an earlier
+    run in it, unless overwrite=True, which removes that run's checkpoint, shards and metrics. Returns the lock."""
+    out_dir = c["out_dir"]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"out_dir {out_dir} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = lock_folder(out_dir, "train.py run")
+    except OSError as e:
+        raise os_error("train.py", e) from None
+    earlier = [name for name in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
+    if c["init_from"] == "scratch" and earlier:
+        if not c["overwrite"]:
+            raise SystemExit(f"{out_dir} holds an earlier run ({', '.join(earlier)}): continue it with "
+                             "--init_from=resume, replace it with --overwrite=True, or choose another out_dir")
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
+        remove_other_shards(out_dir, keep=[])
+    return lock
+
+
+def trim_metrics(out_dir: str, iter_num: int) -> None:
+    """After a resume from the checkpoint of step iter_num, keep only what was logged up to it: the steps up to
+    iter_num and the evaluations before it (the resumed run evaluates iter_num again). Each iteration then has
+    one record, however often the run was resumed. A line torn by a kill mid-write is dropped."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["iter"] < iter_num or (record["iter"] == iter_num and "loss" in record):
+                kept.append(line)
+    with atomic_write(path, "w") as f:
+        f.writelines(kept)
+
+
+def check_finite(what: str, value: float, iter_num: int, out_dir: str) -> None:
+    """A NaN or infinite loss ends the run with a non-zero exit (never a checkpoint of a diverged model)."""
+    if not math.isfinite(value):
+        raise SystemExit(f"iter {iter_num}: the {what} is {value}, so training diverged; {out_dir}/ckpt.pt, if any, "
+                         "holds the last good state: resume it with a lower learning_rate or a tighter grad_clip")
 
 
 def log_metrics(out_dir: str, record: dict) -> None:
@@ -260,12 +367,15 @@ def mixed_precision(c: dict, device_type: str):
     return ptdtype, autocast, scaler
 
 
-def build(c: dict, data: TokenData, rank: int, device_type: str):
-    """The model, its config and its engine, fresh or resumed from out_dir (then with its step and best loss)."""
+def model_config_of(c: dict, data: TokenData) -> ModelConfig:
     try:
-        model_config = ModelConfig(vocab_size=data.meta["vocab_size"], **{k: c[k] for k in MODEL_KEYS})
+        return ModelConfig(vocab_size=data.vocab_size, **{k: c[k] for k in MODEL_KEYS})
     except ValueError as e:
-        raise SystemExit(f"model config: {e}")
+        raise SystemExit(f"model config: {e}") from None
+
+
+def build(c: dict, data: TokenData, model_config: ModelConfig, rank: int, device_type: str):
+    """The model, its engine and the run's progress (step, best val loss, identity), fresh or resumed."""
     checkpoint = read_resume_checkpoint(c, model_config, data.meta, data.device) if c["init_from"] == "resume" else None
     model = Transformer(model_config).to(data.device)
     if checkpoint is not None:
@@ -280,10 +390,14 @@ def build(c: dict, data: TokenData, rank: int, device_type: str):
     else:
         engine = Engine(model, groups, c["zero_stage"], bucket_mb=c["bucket_mb"], **adamw)
     if checkpoint is None:
-        return model, model_config, engine, 0, float("inf")
+        # A new run gets a new identity (rank 0's: every rank must save the same one).
+        return model, engine, {"iter_num": 0, "best_val_loss": float("inf"),
+                               "run_id": all_gather_objects(uuid.uuid4().hex)[0]}
     load_optimizer_state(engine, load_optimizer_shards(c["out_dir"], checkpoint, os.path.join(c["out_dir"], "ckpt.pt")))
     restore_rng(checkpoint, rank, device_type)
-    return model, model_config, engine, checkpoint["iter_num"], checkpoint["best_val_loss"]
+    run_id = checkpoint.get("run_id") or all_gather_objects(uuid.uuid4().hex)[0]  # older checkpoints had none
+    return model, engine, {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"],
+                           "run_id": run_id}
 
 
 def main(argv: list[str]) -> None:
@@ -304,12 +418,15 @@ def main(argv: list[str]) -> None:
     # Different dropout masks per rank (they see different data anyway); weights come from rank 0.
     torch.manual_seed(c["seed"] + rank)
 
-    # ---- data, model, optimizer ---------------------------------------------------------------
+    # ---- data, out_dir, model, optimizer ------------------------------------------------------
     data = TokenData(c, rank, world_size, device)
-    os.makedirs(c["out_dir"], exist_ok=True)
-    model, model_config, engine, iter_num, best_val_loss = build(c, data, rank, device_type)
+    check_same_on_all_ranks(data.identity, "data")
+    model_config = model_config_of(c, data)
+    lock = on_rank0(lambda: claim_out_dir(c))  # noqa: F841 (held until the process ends)
+    model, engine, progress = build(c, data, model_config, rank, device_type)
+    if progress["iter_num"] > 0:
+        on_rank0(lambda: trim_metrics(c["out_dir"], progress["iter_num"]))
     train_model = torch.compile(model) if c["compile"] else model
-
     moe = len(model.moe_layers()) > 0
     flops_per_token, peak = model.estimate_flops(), peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
@@ -326,21 +443,23 @@ def main(argv: list[str]) -> None:
         copy_file(data.tokenizer_path, os.path.join(c["out_dir"], "tokenizer.model"))
 
     # ---- the loop -----------------------------------------------------------------------------
-    start_iter, t_start = iter_num, time.time()
+    iter_num = start_iter = progress["iter_num"]
+    t_start = time.time()
     bar = tqdm(total=c["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
     x, y = data.train_batch(iter_num, 0)
     while True:
         lr = get_lr(iter_num, config)
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
             losses = evaluate(model, data, autocast)
-            improved = losses["val_loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val_loss"])
             if master:
                 bar.write(f"iter {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}, "
                           f"val {losses['val_bpb']:.4f} bits per byte")
                 log_metrics(c["out_dir"], {"iter": iter_num, **losses, "elapsed_s": time.time() - t_start})
+            check_finite("validation loss", losses["val_loss"], iter_num, c["out_dir"])
+            improved = losses["val_loss"] < progress["best_val_loss"]
+            progress |= {"iter_num": iter_num, "best_val_loss": min(progress["best_val_loss"], losses["val_loss"])}
             if iter_num > start_iter and (improved or c["always_save_checkpoint"]):
-                save(c, engine, model_config, data.meta, iter_num, best_val_loss, rank, world_size, device_type)
+                save(c, engine, model_config, data, progress)
         if iter_num >= c["max_iters"]:
             break
 
@@ -383,6 +502,7 @@ def main(argv: list[str]) -> None:
                 if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
                     record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
                 log_metrics(c["out_dir"], record)
+            check_finite("training loss", loss, iter_num, c["out_dir"])
     bar.close()
     destroy()
 
@@ -390,5 +510,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
+    except OSError as e:  # a full disk, a read-only out_dir: one sentence (the last checkpoint stays as it was)
+        raise os_error("train.py", e) from None
     finally:
         destroy(wait_for_others=False)  # after an error too: a process group left alive can abort the exit

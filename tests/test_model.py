@@ -348,9 +348,21 @@ def test_greedy_generate_of_left_padded_batch():
     got = torch.stack(list(model.generate(idx, 6, temperature=0, attention_mask=mask)), dim=1)
     for b, row in enumerate(rows):
         assert_close(got[b], greedy_with_uncached_forwards(model, row[None], 6)[0])
-    # Past it the window is the same columns for every row, so the padded batch follows the batch policy.
+    # Past it too: padding never counts against block_size, and each row restarts its window when its own
+    # cache is full, so every row of the padded batch still continues exactly as it does alone.
     got = torch.stack(list(model.generate(idx, 25, temperature=0, attention_mask=mask)), dim=1)
-    assert_close(got, greedy_with_uncached_forwards(model, idx, 25, attention_mask=mask))
+    for b, row in enumerate(rows):
+        alone = torch.stack(list(model.generate(row[None], 25, temperature=0)), dim=1)[0]
+        assert torch.equal(got[b], alone), b
+        assert_close(got[b], greedy_with_uncached_forwards(model, row[None], 25)[0])
+
+
+def test_generate_refuses_an_empty_prompt_with_a_sentence():
+    model = lively_model()
+    with pytest.raises(ValueError, match="at least one real prompt token in every row"):
+        next(model.generate(torch.zeros(2, 0, dtype=torch.long), 3))
+    with pytest.raises(ValueError, match="at least one real prompt token in every row"):
+        next(model.generate(torch.ones(2, 3, dtype=torch.long), 3, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])))
 
 
 def test_generate_is_lazy_and_yields_one_token_per_row():

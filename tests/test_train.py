@@ -91,6 +91,137 @@ def test_resume_replays_the_straight_run_exactly(tmp_path, prepared_data):
     straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "resumed")
     assert [resumed[i] for i in range(1, 7)] == [straight[i] for i in range(1, 7)]
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"), tol=0)
+    # One record per iteration, as in the straight run: the resumed run's evaluation of step 3 replaces the first.
+    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
+
+
+def records(out_dir):
+    """metrics.jsonl without the fields that measure time."""
+    timing = {"elapsed_s", "tokens_per_s", "mfu", "comm_wait_s"}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in f]
+
+
+def test_metrics_hold_one_record_per_iteration_after_resumes_past_the_last_checkpoint(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", "--eval_interval=2", "--max_iters=6"]
+    run([*common, f"--out_dir={tmp_path}/straight"])
+    # A run killed after step 3 has logged steps past its last checkpoint (step 2): simulate it by appending them.
+    run([*common, f"--out_dir={tmp_path}/resumed", "--max_iters=2"])
+    with open(tmp_path / "straight" / "metrics.jsonl") as f:
+        after_checkpoint = [line for line in f if json.loads(line)["iter"] in (2, 3) and "loss" in json.loads(line)]
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.writelines(after_checkpoint[1:] + ['{"iter": 3, "lo'])  # step 3, and a line torn by the kill
+    for _ in range(2):  # resumed twice from the same checkpoint
+        run([*common, f"--out_dir={tmp_path}/resumed", "--init_from=resume"])
+        assert records(tmp_path / "resumed") == records(tmp_path / "straight")
+
+
+def test_a_fresh_run_refuses_an_out_dir_holding_a_run_unless_told_to_overwrite(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--max_iters=2", "--eval_interval=2"]
+    run(common)
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    result = run([*common, "--learning_rate=1e-2"], check=False)
+    assert result.returncode == 1 and "holds an earlier run (ckpt.pt, metrics.jsonl)" in result.stderr
+    assert "--init_from=resume" in result.stderr and "--overwrite=True" in result.stderr
+    assert all((tmp_path / "out" / name).read_bytes() == data for name, data in before.items())
+    run([*common, "--learning_rate=1e-2", "--overwrite=True"])
+    assert [r["iter"] for r in records(tmp_path / "out")] == [0, 1, 2, 2]  # this run's records only
+    assert sorted(n for n in os.listdir(tmp_path / "out") if n.startswith("optimizer.")) == ["optimizer.2.0-of-1.pt"]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--eval_iters=0", "eval_iters must be positive, got 0"),
+    ("--gradient_accumulation_steps=0", "gradient_accumulation_steps must be positive, got 0"),
+    ("--max_iters=-5", "max_iters must be >= 0, got -5"),
+    ("--eval_interval=0", "eval_interval must be positive, got 0"),
+    ("--log_interval=0", "log_interval must be positive, got 0"),
+    ("--batch_size=0", "batch_size must be positive, got 0"),
+    ("--learning_rate=1e999", "learning_rate must be a finite number, got inf"),
+    ("--beta2=1.0", "beta2 must be in [0, 1), got 1.0"),
+    ("--min_lr=0.1", "min_lr (0.1) must not exceed learning_rate"),
+    ("--seed=-1", "seed must be >= 0, got -1"),
+    ("--dropout=1.5", "dropout must be in [0, 1), got 1.5"),
+    ("--block_size=0", "block_size must be positive, got 0"),
+    ("--device=cuda" if not torch.cuda.is_available() else "--device=cuda:99", "device=cuda"),
+    ("--device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_every_key_out_of_range_is_one_sentence_before_any_work(tmp_path, prepared_data, arg, message):
+    result = run([*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", arg], check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def broken_copy(prepared_data, where, edit):
+    """A copy of the prepared data folder with one file changed by edit(path)."""
+    import shutil
+
+    shutil.copytree(prepared_data, where)
+    edit(where)
+    return where
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: (d / "meta.json").write_text("{not json"), "meta.json is corrupt"),
+    (lambda d: (d / "meta.json").write_text('{"dtype": "uint16"}'), "meta.json is corrupt (KeyError"),
+    (lambda d: (d / "val.bin").write_bytes((d / "val.bin").read_bytes() + b"x"), "not the"),
+    (lambda d: (d / "train.bin").write_bytes(b"\xff\xff" * (len((d / "train.bin").read_bytes()) // 2)),
+     "holds a token id beyond the vocabulary"),
+])
+def test_corrupt_data_is_one_sentence(tmp_path, prepared_data, edit, message):
+    data = broken_copy(prepared_data, tmp_path / "data", edit)
+    result = run([*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--max_iters=1"], check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_full_disk_during_a_save_is_a_sentence_and_keeps_the_previous_checkpoint(tmp_path, prepared_data):
+    import resource
+    import signal
+
+    common = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--eval_interval=2"]
+    run([*common, "--max_iters=2"])
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+
+    def small_disk():  # files may not grow past 64 KB: a write beyond fails as on a full disk (EFBIG for ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--max_iters=4",
+                             "--init_from=resume"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "train.py: " in result.stderr and str(tmp_path / "out") in result.stderr
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+    assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")]
+
+
+def test_a_shard_of_another_run_is_refused(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", "--eval_interval=2", "--max_iters=2"]
+    run([*common, f"--out_dir={tmp_path}/a"])
+    run([*common, f"--out_dir={tmp_path}/b", "--seed=7"])  # same layout, other weights
+    (tmp_path / "a" / "optimizer.2.0-of-1.pt").write_bytes((tmp_path / "b" / "optimizer.2.0-of-1.pt").read_bytes())
+    result = run([*common, f"--out_dir={tmp_path}/a", "--max_iters=4", "--init_from=resume"], check=False)
+    assert result.returncode == 1 and "was written by another run or at another step" in result.stderr
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_runs(tmp_path, prepared_data):
+    common = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--eval_interval=1000000"]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--max_iters=1000000"],
+                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        deadline = time.time() + 60
+        while not (tmp_path / "out" / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        result = run([*common, "--max_iters=2", "--init_from=resume"], check=False)
+        assert result.returncode == 1 and "is in use by another train.py run" in result.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # The lock dies with the process that held it: a killed run leaves nothing stale behind.
+    result = run([*common, "--max_iters=2"], check=False)
+    assert "is in use" not in result.stderr
 
 
 def test_resume_refuses_a_different_model_shape_but_not_another_attention_backend(tmp_path, prepared_data):
