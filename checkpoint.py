@@ -32,8 +32,10 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
         with atomic_write(path) as f:
             torch.save(checkpoint, f)
     except RuntimeError:
-        # torch.save reports a write that failed part-way (a full disk, a file-size limit) as "unexpected pos ...".
+        # torch.save reports some writes that failed part-way (a full disk, a file-size limit) as "unexpected pos ...".
         raise OSError(errno.ENOSPC, "the write failed part-way (is the disk full?); nothing was replaced", path) from None
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror}; nothing was replaced", path) from None
 
 
 def load_checkpoint(path: str, device: str, mmap: bool = False) -> dict:

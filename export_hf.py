@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot export {args.ckpt} exactly: {e}")
     except ImportError:
         raise SystemExit("export_hf.py needs safetensors: pip install '.[hf]'")
+    except OSError as e:  # an --out that cannot be created or written, a full disk
+        raise SystemExit(f"export_hf.py: cannot write {e.filename or args.out}: {e.strerror}")
     print(f"wrote {args.out} ({arch}); load it with AutoModelForCausalLM.from_pretrained({args.out!r})", file=sys.stderr)
 
 

@@ -28,21 +28,32 @@ def atomic_write(path, mode: str = "wb", sync: bool = True):
     """
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
+    with named_as(path):  # a read-only or missing folder
+        f = open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+        with f:
+            yield f  # what the caller's own writes raise (a full disk, say) goes up as it is
+            with named_as(path):
+                f.flush()
+                if sync:
+                    os.fsync(f.fileno())
+        with named_as(path):
+            os.replace(tmp, path)
+    except BaseException:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and e.filename in (None, tmp):  # a full disk, a read-only folder: named by
-            raise OSError(e.errno, e.strerror, path) from None      # the file the caller asked for
         raise
+
+
+@contextmanager
+def named_as(path):
+    """An OSError inside names path, the file the caller asked for, rather than the temporary file."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def copy_file(src, dst) -> None:
@@ -51,18 +62,19 @@ def copy_file(src, dst) -> None:
         shutil.copyfileobj(source, f)
 
 
-def lock_folder(folder: str, what: str):
-    """Take folder/.lock for as long as the returned file stays open, or stop with one sentence if another process
-    holds it: two runs writing into one folder would overwrite each other's files. flock is released by the
-    kernel when the process ends, however it ends, so a killed run never leaves a stale lock."""
-    f = open(os.path.join(folder, ".lock"), "a")
+def lock_folder(folder: str, what: str) -> int:
+    """Lock folder for as long as this process lives, or stop with one sentence if another process holds it: two
+    runs writing into one folder would overwrite each other's files. The lock is flock on the folder itself (no
+    lock file is left behind), and the kernel releases it when the process ends, however it ends, so a killed run
+    never leaves a stale lock. Returns the descriptor that holds it."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.close()
-        raise SystemExit(f"{folder} is in use by another {what} (it holds {folder}/.lock): wait for it to finish "
-                         "or choose another folder") from None
-    return f
+        os.close(fd)
+        raise SystemExit(f"{folder} is in use by another {what}: wait for it to finish or choose another "
+                         "folder") from None
+    return fd
 
 
 def os_error(script: str, e: OSError) -> SystemExit:

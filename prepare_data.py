@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from dedup import (band_keys, estimated_jaccard, exact_duplicates, lsh_bands, minhash, near_duplicate_roots,
                    unit_hashes)
-from files import atomic_write
+from files import atomic_write, lock_folder
 from readers import MAX_WARNINGS, Log, fail, piece_documents, plan_shards, resolve_inputs, stdlib_sources
 from tokenizer import EOS_ID, MAX_TRAIN_BYTES, Tokenizer, check_vocab_size, token_dtype, train_tokenizer
 
@@ -51,6 +51,10 @@ from tokenizer import EOS_ID, MAX_TRAIN_BYTES, Tokenizer, check_vocab_size, toke
 # then stay in the CPU caches, which makes it several times faster than on one big batch.
 BATCH_BYTES = 1 << 18
 REPORT_PAIRS = 100  # removed/kept pairs that --dedup_report shows
+VOCAB_SIZE = 6400  # the tokenizer trained when no --vocab_size is given (minimind's)
+# out/work, the scratch folder of a run, holds this file from its creation: a work folder without it is not
+# prepare_data.py's, and is never emptied or removed.
+SCRATCH_MARK = "made-by-prepare_data.py"
 FILTERS = ("min_chars", "max_symbol_fraction", "scripts", "max_repeated_lines")
 
 
@@ -396,7 +400,9 @@ def parse_args(argv):
                         "(default: a random --val_fraction of the documents)")
     parser.add_argument("--out", help="output folder (default: data/<name of the single input>)")
     parser.add_argument("--text_field", default="text", help="the JSONL field / Parquet column of the text")
-    parser.add_argument("--vocab_size", type=int, default=6400)
+    parser.add_argument("--vocab_size", type=int, help=f"size of the tokenizer to train (default {VOCAB_SIZE})")
+    parser.add_argument("--tokenizer", help="tokenize with this tokenizer.model instead of training one (the one a "
+                        "model was trained with, say); it is copied into the output folder")
     # 1% keeps 99% of the documents for training and still gives the default corpus 17 validation
     # files, ~60k tokens; small corpora want a larger fraction, or --val_input.
     parser.add_argument("--val_fraction", type=float, default=0.01)
@@ -440,8 +446,17 @@ def parse_args(argv):
         if unknown:
             fail(f"unknown script {unknown[0]}: use the first word of its letters' Unicode names, "
                  "e.g. latin, cjk, cyrillic, greek, arabic, hangul, hiragana, katakana, devanagari")
+    if args.tokenizer:
+        if not os.path.isfile(args.tokenizer):
+            fail(f"--tokenizer {args.tokenizer}: no such file")
+        try:
+            vocab_size = Tokenizer(args.tokenizer).vocab_size
+        except ValueError as e:
+            fail(f"--tokenizer: {e}")
+        if args.vocab_size not in (None, vocab_size):
+            fail(f"--vocab_size {args.vocab_size} but --tokenizer {args.tokenizer} has {vocab_size} tokens")
     try:
-        check_vocab_size(args.vocab_size)
+        check_vocab_size(args.vocab_size or VOCAB_SIZE)
     except ValueError as e:
         fail(str(e))
     return args
@@ -470,9 +485,11 @@ def main(argv=None):
         fail("the corpus has no documents: every Parquet file is empty")
     # Everything the work folder's files depend on: a resumed run must agree on all of it.
     settings = {"inputs": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths],
-                "args": {k: v for k, v in vars(args).items() if k not in ("workers", "resume", "dedup_report")}}
+                "args": {k: v for k, v in vars(args).items() if k not in ("workers", "resume", "dedup_report")},
+                "tokenizer_sha256": sha256_of(args.tokenizer) if args.tokenizer else None}
     settings = json.loads(json.dumps(settings))
     work = out / "work"
+    check_out_folder(out, work, paths, settings["tokenizer_sha256"])
     resuming = args.resume and (work / "settings.json").exists()
     if resuming and json.loads((work / "settings.json").read_text()) != settings:
         fail(f"--resume: {work} was left by a run with other inputs or arguments; run without --resume")
@@ -480,16 +497,78 @@ def main(argv=None):
         print(f"--resume: no unfinished run in {work}, starting from the beginning")
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the top new folder
     try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out {out}: {e.strerror}")
+    # Before anything is removed: a second run into the same folder stops here, leaving the first run's work alone.
+    lock = lock_folder(str(out), "prepare_data.py run")
+    try:
         if not resuming:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)  # ours: check_out_folder found our mark, or nothing
             (work / "scan").mkdir(parents=True)
+            (work / SCRATCH_MARK).touch()
             with atomic_write(work / "settings.json", "w", sync=False) as f:  # a torn one would break --resume
                 f.write(json.dumps(settings))
         prepare(args, paths, len(train_files), shards, sizes, out, work)
+        shutil.rmtree(work)
+    except OSError as e:  # a read-only or full disk
+        shutil.rmtree(created or work, ignore_errors=True)
+        fail(f"cannot write {e.filename or out}: {e.strerror}")
     except SystemExit:  # a clear error about the input: leave nothing of this run behind
         shutil.rmtree(created or work, ignore_errors=True)
         raise
-    shutil.rmtree(work)
+    finally:
+        os.close(lock)
+
+
+def sha256_of(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_out_folder(out: Path, work: Path, paths: list[str], tokenizer_sha256: str | None) -> None:
+    """Refuse, before any work, an output folder whose files this run would overwrite or delete without having
+    made them: a --out that is a file, a work/ folder that is not prepare_data.py's scratch folder (or holds an
+    input), and a tokenizer.model that no finished run recorded in its meta.json (unless it is --tokenizer's)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a folder")
+    if work.exists() and not (work / SCRATCH_MARK).exists():
+        fail(f"{work} exists and was not made by prepare_data.py (it has no {SCRATCH_MARK}), so it is left as it "
+             "is: move it away or choose another --out")
+    for path in paths:
+        if Path(path).resolve().is_relative_to(work.resolve()):
+            fail(f"the input {path} lies in {work}, the scratch folder this run empties: move it or choose another --out")
+    model_path = out / "tokenizer.model"
+    if model_path.exists():
+        try:
+            recorded = json.loads((out / "meta.json").read_text())["tokenizer_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if sha256_of(model_path) not in (recorded, tokenizer_sha256):
+            fail(f"{model_path} was not written by a finished prepare_data.py run (no meta.json beside it records "
+                 "it), so it is not replaced: pass --tokenizer to tokenize with it, or move it away")
+
+
+def choose_tokenizer(args, pool, split: np.ndarray, train_bytes: int, first_doc: np.ndarray, work: Path) -> Path:
+    """The tokenizer to tokenize with: --tokenizer if given; when resuming, the one this run already trained into
+    work/; else a new one trained on the training documents. It reaches out/ only with the other outputs."""
+    if args.tokenizer:
+        print(f"tokenizing with {args.tokenizer} (--tokenizer)")
+        return Path(args.tokenizer)
+    model_path = work / "tokenizer.model"
+    if model_path.exists():  # work/ is this run's (its settings matched): the tokenizer belongs to this corpus
+        print(f"resuming: reusing the tokenizer this run trained ({model_path})")
+        return model_path
+    train = np.flatnonzero(split == 0)
+    # Every stride-th document, so the trainer's byte budget samples the whole corpus, not its start.
+    sample = train[::max(1, math.ceil(train_bytes / MAX_TRAIN_BYTES))]
+    vocab_size = args.vocab_size or VOCAB_SIZE
+    print(f"training a {vocab_size}-token tokenizer on {len(sample):,} training documents")
+    try:
+        return Path(train_tokenizer((data.decode() for *_, data in read_documents(pool, sample, first_doc)),
+                                    vocab_size, str(work)))
+    except ValueError as e:
+        fail(str(e))
 
 
 def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]], sizes: list[int],
@@ -527,25 +606,13 @@ def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]
         if args.dedup_report:
             write_report(args.dedup_report, pool, near_pairs, first_doc, signature_rows, where, args.seed)
 
-        model_path = out / "tokenizer.model"
-        if model_path.exists():
-            print(f"reusing {model_path}")
-        else:
-            train = np.flatnonzero(split == 0)
-            # Every stride-th document, so the trainer's byte budget samples the whole corpus, not its start.
-            sample = train[::max(1, math.ceil(removed["train_bytes"] / MAX_TRAIN_BYTES))]
-            print(f"training a {args.vocab_size}-token tokenizer on {len(sample):,} training documents")
-            try:
-                train_tokenizer((data.decode() for *_, data in read_documents(pool, sample, first_doc)),
-                                args.vocab_size, str(out))
-            except ValueError as e:
-                fail(str(e))
+        model_path = choose_tokenizer(args, pool, split, removed["train_bytes"], first_doc, work)
         try:
             tokenizer = Tokenizer(str(model_path))
         except ValueError as e:
-            fail(f"{e}; delete it to train a new one")
+            fail(str(e))
 
-        sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        sha256 = sha256_of(model_path)
         tokens = work / f"tokens-{sha256[:16]}"  # another tokenizer's shards are never reused
         tokens.mkdir(exist_ok=True)
         done = finished(tokens, len(shards))
@@ -565,8 +632,11 @@ def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]
     # meta.json describing files it does not match.
     with ExitStack() as stack:
         files = {name: stack.enter_context(atomic_write(out / name, "w" if name == "meta.json" else "wb"))
-                 for name in ("meta.json", "train.bin", "train_doc_index.npy", "val.bin", "val_doc_index.npy")}
+                 for name in ("meta.json", "train.bin", "train_doc_index.npy", "val.bin", "val_doc_index.npy",
+                              "tokenizer.model")}
         n_tokens = assemble(tokens, len(shards), files)
+        with open(model_path, "rb") as f:
+            shutil.copyfileobj(f, files["tokenizer.model"])
         meta = {
             "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name,
             "eos_id": EOS_ID, "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],

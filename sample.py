@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--top_p must be in (0, 1]")
     if args.top_k is not None and args.top_k < 1:
         parser.error("--top_k must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        parser.error("--seed must be between 0 and 2**63 - 1")
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)

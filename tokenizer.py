@@ -258,10 +258,14 @@ def main(argv=None):
     for path in args.input:
         if not os.path.isfile(path):
             raise SystemExit(f"tokenizer.py: error: no such file: {path}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"tokenizer.py: error: --out {args.out} exists and is not a folder")
     try:
         path = train_tokenizer(read_text_files(args.input), args.vocab_size, args.out)
     except ValueError as e:
         raise SystemExit(f"tokenizer.py: error: {e}")
+    except OSError as e:  # an --out that cannot be created or written
+        raise SystemExit(f"tokenizer.py: error: cannot write {e.filename or args.out}: {e.strerror}")
     print(f"wrote {path} ({Tokenizer(path).vocab_size} tokens)")
 
 

@@ -85,7 +85,7 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 # Every numeric training key has a valid range, checked before any work (the model's keys: ModelConfig).
 POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
             "learning_rate", "dist_timeout_s", "bucket_mb")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")
 
 
 def check_config(c: dict, world_size: int) -> None:
@@ -99,6 +99,8 @@ def check_config(c: dict, world_size: int) -> None:
     for key in NON_NEGATIVE:
         if not c[key] >= 0:
             raise SystemExit(f"{key} must be >= 0, got {c[key]}")
+    if not 0 <= c["seed"] < 2**62:  # torch's seeds are 64-bit, and each rank adds its rank
+        raise SystemExit(f"seed must be between 0 and 2**62, got {c['seed']}")
     for key in ("beta1", "beta2"):
         if not 0 <= c[key] < 1:
             raise SystemExit(f"{key} must be in [0, 1), got {c[key]}")

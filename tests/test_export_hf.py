@@ -150,3 +150,5 @@ def test_cli_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path):
     (tmp_path / "file").write_text("")
     result = export_cli("--ckpt", trained_ckpt, "--out", str(tmp_path / "file"))
     assert result.returncode == 1 and "is not a folder" in result.stderr
+    result = export_cli("--ckpt", trained_ckpt, "--out", str(tmp_path / "file" / "hf"))  # a folder under a file
+    assert result.returncode == 1 and "cannot write" in result.stderr and "Traceback" not in result.stderr

@@ -119,11 +119,13 @@ def test_two_nodes_over_loopback_match_one_process(tmp_path, prepared_data):
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), tol=1e-6)
 
 
-def launch_by_hand(args, world_size, port):
-    """The ranks as plain processes, as a cluster scheduler starts them: no torchrun agent tears the group down."""
+def launch_by_hand(args, world_size, port, cwds=None):
+    """The ranks as plain processes, as a cluster scheduler starts them: no torchrun agent tears the group down.
+    cwds: each rank's working folder (as on machines of their own), ROOT by default."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size))
-    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args[rank]], cwd=ROOT, text=True,
-                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args[rank]], cwd=cwds[rank] if cwds else ROOT,
+                             text=True, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
             for rank in range(world_size)]
 
 
@@ -157,6 +159,31 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path, prepared_data):
         assert p.wait(timeout=60) == 1
         stderr = p.stderr.read()
         assert "the ranks disagree on the config" in stderr and "Traceback" not in stderr
+
+
+def test_ranks_with_the_same_config_but_different_data_refuse_to_start(tmp_path, prepared_data):
+    # The same relative data_dir on two "machines" whose folders hold different corpora.
+    for rank in (0, 1):
+        shutil.copytree(prepared_data, tmp_path / f"node{rank}" / "data")
+    meta = tmp_path / "node1" / "data" / "meta.json"
+    meta.write_text(meta.read_text().replace('"seed"', '"note": "another corpus", "seed"'))
+    args = [*TINY, "--data_dir=data", f"--out_dir={tmp_path}/out", "--max_iters=2", "--gradient_accumulation_steps=2"]
+    for p in launch_by_hand([args, args], 2, free_port(), cwds=[tmp_path / "node0", tmp_path / "node1"]):
+        assert p.wait(timeout=60) == 1
+        stderr = p.stderr.read()
+        assert "the ranks disagree on the data: meta.json is" in stderr and "Traceback" not in stderr
+
+
+def test_evaluation_is_the_same_for_any_world_size(tmp_path, prepared_data):
+    # eval_iters=3 does not divide among 2 ranks: one rank runs a forward it does not count, so stage 3's
+    # gathers stay in step, and the windows evaluated are the same 3 x batch_size as in one process.
+    common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=0", "--eval_iters=3", "--gradient_accumulation_steps=2"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    run([*common, f"--out_dir={tmp_path}/two", "--zero_stage=3"], launcher=torchrun(2))
+    with open(tmp_path / "one" / "metrics.jsonl") as f, open(tmp_path / "two" / "metrics.jsonl") as g:
+        one, two = json.loads(f.readline()), json.loads(g.readline())
+    for key in ("train_loss", "val_loss", "train_bpb", "val_bpb"):
+        assert two[key] == pytest.approx(one[key], rel=1e-12, abs=0), key
 
 
 def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():

@@ -110,11 +110,9 @@ def test_split_is_seeded_and_by_document(tmp_path):
     runs = {}
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         out = tmp_path / name
-        if name != "a":  # same tokenizer, so only the split can differ
-            out.mkdir()
-            shutil.copy(tmp_path / "a" / "tokenizer.model", out)
+        same_tokenizer = ["--tokenizer", str(tmp_path / "a" / "tokenizer.model")] if name != "a" else []
         main(["--input", str(corpus), "--out", str(out), "--vocab_size", "500", "--val_fraction", "0.3",
-              "--seed", seed, "--workers", "1"])
+              "--seed", seed, "--workers", "1", *same_tokenizer])  # the same tokenizer: only the split may differ
         runs[name] = snapshot(out)
     assert runs["a"] == runs["b"]
     assert runs["a"]["val.bin"] != runs["c"]["val.bin"]
@@ -180,8 +178,7 @@ def test_output_is_identical_for_any_workers_shards_and_shard_order(tmp_path, mo
             ("reversed", ["--workers", "2", "--shard_mb", "0.0003"])]
     for name, flags in runs:
         if name != "one":
-            (tmp_path / name).mkdir()
-            shutil.copy(tmp_path / "one" / "tokenizer.model", tmp_path / name)
+            flags = [*flags, "--tokenizer", str(tmp_path / "one" / "tokenizer.model")]
         if name == "reversed":  # each shard on its own, last shard first
             run_shards = prepare_data.run_shards
             monkeypatch.setattr(prepare_data, "run_shards", lambda pool, task, jobs, sizes, desc: [
@@ -241,9 +238,8 @@ def test_resume_after_a_kill_gives_identical_files(tmp_path):
     assert re.search(r"resuming: \d+ of \d+ shards already scanned", resumed.stdout)
     assert re.search(r"resuming: \d+ of \d+ shards already tokenized", resumed.stdout)
     assert not (tmp_path / "out" / "work").exists()
-    (tmp_path / "fresh").mkdir()
-    shutil.copy(tmp_path / "out" / "tokenizer.model", tmp_path / "fresh")
-    assert run_cli(*flags, "--out", "fresh", cwd=tmp_path).returncode == 0  # the last --out counts
+    fresh = run_cli(*flags, "--out", "fresh", "--tokenizer", "out/tokenizer.model", cwd=tmp_path)  # last --out counts
+    assert fresh.returncode == 0, fresh.stderr
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "fresh")
 
 
@@ -394,7 +390,82 @@ def test_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(prepare_data, "assemble", assemble_then_fail)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(SystemExit, match="No space left on device"):  # one sentence, not a traceback
         main(["--input", str(tmp_path / "other.txt"), str(corpus), "--out", str(out)])
     assert written["train.bin"] > 0 and written["val.bin"] > 0
     assert snapshot(out) == before and not list(out.glob("*.tmp"))  # and no temporary file is left behind
+
+
+def test_a_work_folder_it_did_not_make_is_never_touched(tmp_path):
+    # The hostile user's case: --out proj with the input at proj/work/corpus.jsonl, beside files of their own.
+    work = tmp_path / "proj" / "work"
+    write_corpus(work)
+    (work / "notes.txt").write_text("mine")
+    before = snapshot(work)
+    result = run_cli("--input", str(work / "e_records.jsonl"), "--out", "proj", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "was not made by prepare_data.py" in result.stderr and "left as it is" in result.stderr
+    assert snapshot(work) == before and sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["work"]
+    # With the input elsewhere too: the folder is someone else's, so it is refused, not emptied.
+    result = run_cli("--input", str(write_corpus(tmp_path / "corpus")), "--out", "proj", cwd=tmp_path)
+    assert result.returncode == 1 and "was not made by prepare_data.py" in result.stderr
+    assert snapshot(work) == before
+
+
+def test_an_input_inside_its_own_scratch_folder_is_refused(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+
+    def stop_after_scan(*args):
+        raise KeyboardInterrupt  # a kill right after the first pass: out/work stays, with its mark
+    monkeypatch.setattr(prepare_data, "choose_documents", stop_after_scan)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--input", str(corpus), "--out", str(out), "--vocab_size", "500", "--workers", "1"])
+    shutil.copy(corpus / "a_code.txt", out / "work" / "input.txt")
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="lies in .*the scratch folder this run empties"):
+        main(["--input", str(out / "work" / "input.txt"), "--out", str(out), "--vocab_size", "500"])
+    assert (out / "work" / "input.txt").read_text() == CODE * 4
+
+
+def test_an_existing_tokenizer_is_used_only_when_asked(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    old = tmp_path / "old"
+    main(["--input", str(corpus), "--out", str(old), "--vocab_size", "400", "--workers", "1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(old / "tokenizer.model", out)  # a tokenizer.model no run in out recorded
+    with pytest.raises(SystemExit, match="tokenizer.model was not written by a finished prepare_data.py run"):
+        main(["--input", str(corpus), "--out", str(out), "--vocab_size", "500", "--workers", "1"])
+    assert (out / "tokenizer.model").read_bytes() == (old / "tokenizer.model").read_bytes()
+    # Asked for by --tokenizer: used, copied, and --vocab_size may not disagree with it.
+    with pytest.raises(SystemExit, match="--vocab_size 500 but --tokenizer .* has 400 tokens"):
+        main(["--input", str(corpus), "--out", str(out), "--vocab_size", "500", "--tokenizer", str(old / "tokenizer.model")])
+    main(["--input", str(corpus), "--out", str(out), "--tokenizer", str(old / "tokenizer.model"), "--workers", "1"])
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 400
+    # A folder holding a finished run: a new run trains its own tokenizer, with the --vocab_size it is given.
+    main(["--input", str(corpus), "--out", str(out), "--vocab_size", "500", "--workers", "1"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == Tokenizer(str(out / "tokenizer.model")).vocab_size == 500
+    assert meta["tokenizer_sha256"] == hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest()
+
+
+def test_an_out_it_cannot_use_is_one_sentence(tmp_path):
+    from files import lock_folder
+
+    corpus = write_corpus(tmp_path / "corpus")
+    (tmp_path / "file").write_text("x")
+    for out, message in (("file", "--out file exists and is not a folder"),
+                         ("file/sub", "cannot create --out file/sub: Not a directory")):
+        result = run_cli("--input", str(corpus), "--out", out, cwd=tmp_path)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "file").read_text() == "x"
+    # A second copy into the same folder while the first holds it: refused before it touches anything.
+    (tmp_path / "busy").mkdir()
+    lock = lock_folder(str(tmp_path / "busy"), "prepare_data.py run")
+    try:
+        result = run_cli("--input", str(corpus), "--out", "busy", cwd=tmp_path)
+        assert result.returncode == 1 and "is in use by another prepare_data.py run" in result.stderr
+    finally:
+        os.close(lock)
+    assert run_cli("--input", str(corpus), "--out", "busy", "--vocab_size", "500", cwd=tmp_path).returncode == 0

@@ -1,13 +1,14 @@
 """sample.py: what it prints is what the model predicts, and bad input gets one clear sentence."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import torch
 
 from checkpoint import load_model
-from tokenizer import EOS_ID
+from tokenizer import EOS_ID, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,3 +64,30 @@ def test_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path):
     assert result.returncode == 1 and "cannot read --prompt_file" in result.stderr
     result = sample("--ckpt", trained_ckpt, "--top_p", "1.5")
     assert result.returncode == 2 and "--top_p must be in (0, 1]" in result.stderr
+    for args, message in ((["--temperature", "nan"], "--temperature must be a number >= 0"),
+                          (["--temperature", "inf"], "--temperature must be a number >= 0"),
+                          (["--top_p", "nan"], "--top_p must be in (0, 1]"),
+                          (["--seed", str(2**70)], "--seed must be between 0 and 2**63 - 1")):
+        result = sample("--ckpt", trained_ckpt, *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+    (other / "ckpt.pt").write_bytes(b"")  # an empty file once crashed the error message itself
+    result = sample("--ckpt", str(other))
+    assert result.returncode == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+    if not torch.cuda.is_available():
+        result = sample("--ckpt", trained_ckpt, "--device", "cuda")
+        assert result.returncode == 1 and "has no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(trained_ckpt, tmp_path):
+    # Another tokenizer of exactly the same size: only its content differs, and the stored hash tells.
+    other = tmp_path / "other"
+    shutil.copytree(trained_ckpt, other)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(open(os.path.join(ROOT, "README.md")).read())
+    vocab = load_model(trained_ckpt, "cpu")[1].vocab_size
+    subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), "--input", str(corpus), "--vocab_size", str(vocab),
+            "--out", str(tmp_path / "tok")], check=True, capture_output=True)
+    assert Tokenizer(str(tmp_path / "tok" / "tokenizer.model")).vocab_size == vocab
+    shutil.copy(tmp_path / "tok" / "tokenizer.model", other / "tokenizer.model")
+    result = sample("--ckpt", str(other), "--max_new_tokens", "3")
+    assert result.returncode == 1 and "is not the tokenizer" in result.stderr and "Traceback" not in result.stderr

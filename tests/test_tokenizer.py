@@ -293,3 +293,12 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, args, message):
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+@pytest.mark.parametrize("out, message", [("a.txt", "--out a.txt exists and is not a folder"),
+                                          ("a.txt/sub", "cannot write a.txt/sub")])
+def test_cli_an_out_it_cannot_write_is_one_sentence(tmp_path, out, message):
+    (tmp_path / "a.txt").write_text(CODE)
+    result = run_cli("--input", "a.txt", "--vocab_size", "500", "--out", out, cwd=tmp_path)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "a.txt").read_text() == CODE

@@ -139,7 +139,7 @@ def test_a_fresh_run_refuses_an_out_dir_holding_a_run_unless_told_to_overwrite(t
     ("--learning_rate=1e999", "learning_rate must be a finite number, got inf"),
     ("--beta2=1.0", "beta2 must be in [0, 1), got 1.0"),
     ("--min_lr=0.1", "min_lr (0.1) must not exceed learning_rate"),
-    ("--seed=-1", "seed must be >= 0, got -1"),
+    ("--seed=-1", "seed must be between 0 and 2**62, got -1"),
     ("--dropout=1.5", "dropout must be in [0, 1), got 1.5"),
     ("--block_size=0", "block_size must be positive, got 0"),
     ("--device=cuda" if not torch.cuda.is_available() else "--device=cuda:99", "device=cuda"),
