@@ -106,7 +106,10 @@ def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
     if checkpoint.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
         raise SystemExit(f"{tokenizer_path} is not the tokenizer {ckpt_path} was trained with (its sha256 differs): "
                          "put the run's own tokenizer.model back")
-    tokenizer = Tokenizer(tokenizer_path)
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if tokenizer.vocab_size != model.config.vocab_size:
         raise SystemExit(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}")
     return model.to(device).eval(), tokenizer

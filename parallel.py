@@ -268,7 +268,10 @@ class Engine:
     def __init__(self, model: torch.nn.Module, groups: list[dict], zero_stage: int, lr: float, betas: tuple,
                  fused: bool, bucket_mb: float = 25.0):
         self.model = model
-        self.shard_optimizer, self.shard_gradients, self.shard_parameters = (zero_stage >= s for s in (1, 2, 3))
+        # What this stage shards, set once here (each stage shards what the one below it does, and one thing more).
+        self.shard_optimizer = zero_stage >= 1
+        self.shard_gradients = zero_stage >= 2
+        self.shard_parameters = zero_stage >= 3
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
         self.comm, self.sync = Comm(self.world), True
         name_of = {id(p): name for name, p in model.named_parameters()}

@@ -201,8 +201,11 @@ class TokenData:
         self.tokenizer_path = os.path.join(c["data_dir"], "tokenizer.model")
         # Bytes of text each token stands for: bits per byte = total nats / (ln 2 * total bytes), which
         # compares runs with different tokenizers. Special tokens stand for no text and count 0.
-        self.token_bytes = torch.tensor(Tokenizer(self.tokenizer_path).token_bytes(), dtype=torch.float64,
-                                        device=device)
+        try:
+            tokenizer = Tokenizer(self.tokenizer_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"{e}: run prepare_data.py again") from None
+        self.token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)
 
     def train_batch(self, it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's micro-batch micro_step of the global batch of step it."""

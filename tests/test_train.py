@@ -166,6 +166,8 @@ def broken_copy(prepared_data, where, edit):
     (lambda d: (d / "val.bin").write_bytes((d / "val.bin").read_bytes() + b"x"), "not the"),
     (lambda d: (d / "train.bin").write_bytes(b"\xff\xff" * (len((d / "train.bin").read_bytes()) // 2)),
      "holds a token id beyond the vocabulary"),
+    (lambda d: (d / "tokenizer.model").write_bytes(b"junk"), "is not a sentencepiece model"),
+    (lambda d: (d / "tokenizer.model").unlink(), "no tokenizer model at"),
 ])
 def test_corrupt_data_is_one_sentence(tmp_path, prepared_data, edit, message):
     data = broken_copy(prepared_data, tmp_path / "data", edit)
