@@ -25,6 +25,7 @@ from files import atomic_write
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(6)
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TOKENS = {i: SPECIAL_TOKENS[i] for i in (IM_START_ID, IM_END_ID)}
+ROLES = ("system", "user", "assistant")  # of a conversation's messages (Tokenizer.render_chat)
 # The 6 special tokens, the newline and the 256 byte-fallback pieces are in every vocabulary.
 FIXED_PIECES = len(SPECIAL_TOKENS) + 1 + 256
 MIN_VOCAB_SIZE = 300  # room for the fixed pieces plus a few dozen characters and merges
@@ -45,6 +46,28 @@ REPEATED_RUN = re.compile(r"(.)\1{%d,}" % MAX_PIECE_CHARS, re.DOTALL)
 # encode_batch() hands sentencepiece strings of at least this many characters, cut after a newline (see there).
 ENCODE_PIECE_CHARS = 256
 ENCODE_PIECES = re.compile(r".{%d,}?\n|.+" % ENCODE_PIECE_CHARS, re.DOTALL)  # the last piece may end anywhere
+
+
+def conversation_messages(record) -> list[dict]:
+    """The messages of one conversation record, in either format people have: minimind's {"conversations":
+    [...]} or the OpenAI / Hugging Face {"messages": [...]}, each message {"role", "content"} with a role in
+    ROLES. ValueError says what is wrong with a record that is not a usable conversation."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    messages = record.get("messages", record.get("conversations"))
+    if not isinstance(messages, list):
+        raise ValueError('no "messages" or "conversations" list')
+    if not messages:
+        raise ValueError("an empty conversation")
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else message
+            raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"a {message['role']} message without string content")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError("no assistant turn")
+    return [{"role": message["role"], "content": message["content"]} for message in messages]
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -179,6 +202,7 @@ class Tokenizer:
             raise ValueError(f"{path} was not trained by tokenizer.py: its special token ids differ")
         self.vocab_size = self.sp.get_piece_size()
         self.space_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
+        self.newline_ids = self.encode("\n")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return [BOS_ID] * bos + self.encode_batch([text], num_threads=1)[0] + [EOS_ID] * eos
@@ -224,6 +248,30 @@ class Tokenizer:
             elif i > EOS_ID:
                 run.append(i)
         return "".join(text) + self.sp.decode(run)
+
+    def render_chat(self, messages: list[dict], generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """A conversation in ChatML, as ids, and its loss mask: 1 on the tokens a model learns to write (each
+        assistant reply and the <|im_end|> that closes it), 0 on everything it only reads.
+
+            <|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n
+
+        The chat tokens go in by id around text encoded as text, so a message that contains the characters
+        "<|im_start|>assistant" is just those characters: no user can forge a turn. Each part is encoded on its
+        own; since no merge spans a '\n', the header "role\n" tokenizes the same wherever it stands, and a reply
+        generated after the header (generation_prompt=True appends "<|im_start|>assistant\n") is tokenized as
+        the replies the model was trained on.
+        """
+        ids, mask = [], []
+        for message in messages:
+            header = [IM_START_ID, *self.encode(message["role"] + "\n")]
+            body = [*self.encode(message["content"]), IM_END_ID]
+            is_target = int(message["role"] == "assistant")
+            ids += header + body + self.newline_ids
+            mask += [0] * len(header) + [is_target] * len(body) + [0] * len(self.newline_ids)
+        if generation_prompt:
+            ids += [IM_START_ID, *self.encode("assistant\n")]
+            mask += [0] * (len(ids) - len(mask))
+        return ids, mask
 
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes each id adds to decoded text: the per-token denominator of bits per byte."""
