@@ -262,9 +262,7 @@ def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
 def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, device: str) -> dict:
     """out_dir/ckpt.pt, after checking that it continues this run: same tokenizer, same model shape."""
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"--init_from=resume but {ckpt_path} does not exist")
-    checkpoint = load_checkpoint(ckpt_path, device)
+    checkpoint = load_checkpoint(ckpt_path, device)  # claim_out_dir checked that it exists
     if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
         raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
     saved = asdict(ModelConfig(**checkpoint["model_config"]))  # a field added since then has its default
@@ -309,6 +307,8 @@ def claim_out_dir(c: dict):
     out_dir = c["out_dir"]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"out_dir {out_dir} exists and is not a folder")
+    if c["init_from"] == "resume" and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise SystemExit(f"--init_from=resume but {os.path.join(out_dir, 'ckpt.pt')} does not exist")
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = lock_folder(out_dir, "train.py run")

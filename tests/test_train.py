@@ -63,6 +63,7 @@ def test_missing_data_and_missing_checkpoint_are_clear_errors(tmp_path, prepared
     assert result.returncode == 1 and "run prepare_data.py first" in result.stderr
     result = run([f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--init_from=resume"], check=False)
     assert result.returncode == 1 and "does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing is left behind by a run that could not start
 
 
 def test_lr_warms_up_from_nonzero_then_follows_the_cosine():
