@@ -44,7 +44,8 @@ from tqdm import tqdm
 from dedup import (band_keys, estimated_jaccard, exact_duplicates, lsh_bands, minhash, near_duplicate_roots,
                    unit_hashes)
 from files import atomic_write, lock_folder
-from readers import MAX_WARNINGS, Log, fail, piece_documents, plan_shards, resolve_inputs, stdlib_sources
+from readers import (MAX_WARNINGS, Log, fail, input_format, piece_documents, plan_shards, resolve_inputs,
+                     stdlib_sources)
 from tokenizer import EOS_ID, MAX_TRAIN_BYTES, Tokenizer, check_vocab_size, token_dtype, train_tokenizer
 
 # Text per MinHash or tokenizer call inside a worker: MinHash's temporaries (~50 bytes per character)
@@ -119,7 +120,8 @@ def init_worker(job_path: str):
 def shard_documents(k: int, log: Log):
     """(piece, line, UTF-8 text) of every document of shard k, in corpus order."""
     for piece, (file, start, end) in enumerate(worker["shards"][k]):
-        for line, data in piece_documents(worker["paths"][file], start, end, worker["args"].text_field, log):
+        field = None if worker["args"].chat else worker["args"].text_field
+        for line, data in piece_documents(worker["paths"][file], start, end, field, log):
             yield piece, line, data
 
 
@@ -142,6 +144,14 @@ def save_npz(path: Path, **arrays):
         np.savez(f, **arrays)
 
 
+def document_text(data: bytes, chat: bool) -> str:
+    """What the filters and MinHash read of a document: a conversation's messages, without the JSON around
+    them (whose keys, the same in every line, would make short conversations look alike)."""
+    if not chat:
+        return data.decode()
+    return "\n".join(message["content"] for message in json.loads(data))
+
+
 def scan_shard(job: tuple) -> int:
     """First pass over shard k: each document's exact hash, byte length, quality verdict and LSH
     band keys into scan/k.npz, its MinHash signature into scan/k.sig. Returns k."""
@@ -155,7 +165,7 @@ def scan_shard(job: tuple) -> int:
         for batch in batched(shard_documents(k, log)):
             piece_docs.update(piece for piece, _, _ in batch)
             data = [d for _, _, d in batch]
-            texts = [d.decode() for d in data]
+            texts = [document_text(d, args.chat) for d in data]
             digests = b"".join(hashlib.blake2b(d, digest_size=16).digest() for d in data)
             parts["hash"].append(np.frombuffer(digests, np.uint64).reshape(-1, 2))
             parts["length"].append(np.fromiter(map(len, data), np.uint32, len(data)))
@@ -189,21 +199,28 @@ def tokenize_shard(job: tuple) -> int:
         worker.update(model_path=model_path, tokenizer=Tokenizer(model_path))
     tokenizer = worker["tokenizer"]
     dtype = token_dtype(tokenizer.vocab_size)
-    counts = ([], [])
-    with (atomic_write(folder / f"{k:06d}.train", sync=False) as train_file,
-          atomic_write(folder / f"{k:06d}.val", sync=False) as val_file):
+    counts, chat = ([], []), worker["args"].chat
+    with ExitStack() as stack:
+        def shard_file(suffix):  # this shard's part of train.bin and val.bin (or of their masks)
+            return [stack.enter_context(atomic_write(folder / f"{k:06d}.{split}{suffix}", sync=False))
+                    for split in ("train", "val")]
+        tokens, masks = shard_file(""), shard_file("_mask") if chat else None
         documents = ((split[i], data) for i, (_, _, data) in enumerate(shard_documents(k, Log())) if split[i] >= 0)
         for batch in batched(documents):
-            # One thread each: the pool is the parallelism.
-            ids = tokenizer.encode_batch([data.decode() for _, data in batch], num_threads=1)
-            for which, f in enumerate((train_file, val_file)):
-                flat = []
-                for (s, _), doc in zip(batch, ids):
+            if chat:  # ChatML with the loss mask of the replies; the </s> after each conversation is not a target
+                rendered = [tokenizer.render_chat(json.loads(data)) for _, data in batch]
+            else:  # one thread each: the pool is the parallelism
+                rendered = [(ids, None) for ids in tokenizer.encode_batch([d.decode() for _, d in batch], num_threads=1)]
+            for which in (0, 1):
+                flat, flat_mask = [], []
+                for (s, _), (doc, mask) in zip(batch, rendered):
                     if s == which:
-                        flat += doc
-                        flat.append(EOS_ID)
+                        flat += [*doc, EOS_ID]
+                        flat_mask += [*(mask or []), 0]
                         counts[which].append(len(doc) + 1)
-                f.write(np.array(flat, dtype).tobytes())
+                tokens[which].write(np.array(flat, dtype).tobytes())
+                if chat:
+                    masks[which].write(np.array(flat_mask, np.uint8).tobytes())
     save_npz(folder / f"{k:06d}.npz", train=np.array(counts[0], np.int64), val=np.array(counts[1], np.int64))
     return k
 
@@ -348,14 +365,18 @@ def print_warnings(where, logs: list[dict]) -> Counter:
 
 
 def assemble(folder: Path, n_shards: int, files: dict) -> dict[str, int]:
-    """Concatenate the shards' tokens into files["<split>.bin"] in corpus order, and write each
-    document's start offset into files["<split>_doc_index.npy"]; return the tokens per split."""
+    """Concatenate the shards' tokens into files["<split>.bin"] in corpus order (and their loss masks into
+    files["<split>_mask.bin"] if there is one), and write each document's start offset into
+    files["<split>_doc_index.npy"]; return the tokens per split."""
     tokens = {}
     for split in ("train", "val"):
         starts, total = [], 0
         for k in range(n_shards):
             with open(folder / f"{k:06d}.{split}", "rb") as part:
                 shutil.copyfileobj(part, files[f"{split}.bin"], 1 << 24)
+            if f"{split}_mask.bin" in files:
+                with open(folder / f"{k:06d}.{split}_mask", "rb") as part:
+                    shutil.copyfileobj(part, files[f"{split}_mask.bin"], 1 << 24)
             with np.load(folder / f"{k:06d}.npz") as shard:
                 counts = shard[split]
             starts.append(total + np.cumsum(counts) - counts)
@@ -400,6 +421,9 @@ def parse_args(argv):
                         "(default: a random --val_fraction of the documents)")
     parser.add_argument("--out", help="output folder (default: data/<name of the single input>)")
     parser.add_argument("--text_field", default="text", help="the JSONL field / Parquet column of the text")
+    parser.add_argument("--chat", action="store_true", help="the inputs are JSONL conversations, one a line "
+                        '({"messages": [...]} or {"conversations": [...]}): tokenized as ChatML, with a loss mask '
+                        "beside each .bin (<split>_mask.bin: 1 on the assistant replies); usually with --tokenizer")
     parser.add_argument("--vocab_size", type=int, help=f"size of the tokenizer to train (default {VOCAB_SIZE})")
     parser.add_argument("--tokenizer", help="tokenize with this tokenizer.model instead of training one (the one a "
                         "model was trained with, say); it is copied into the output folder")
@@ -476,6 +500,11 @@ def main(argv=None):
     val_files = resolve_inputs(args.val_input) if args.val_input else []
     out = Path(args.out) if args.out else default_out(args.input)
     paths = train_files + val_files
+    if args.chat and not args.input:
+        fail("--chat needs --input: conversation files (.jsonl, .jsonl.gz, .jsonl.zst)")
+    for path in paths if args.chat else []:
+        if input_format(path) != "jsonl":
+            fail(f"--chat reads conversations from JSONL files, one a line; {path} is not one")
     # ~256 shards keep every core busy to the last one and cost ~1 ms each; 1 to 64 MB bounds the files
     # in out/work/ and the memory of a worker.
     total = sum(map(os.path.getsize, paths))
@@ -631,9 +660,10 @@ def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]
     # (the stack closes its files in reverse order), so no crash between the replaces can leave a
     # meta.json describing files it does not match.
     with ExitStack() as stack:
+        masks = ("train_mask.bin", "val_mask.bin") if args.chat else ()
         files = {name: stack.enter_context(atomic_write(out / name, "w" if name == "meta.json" else "wb"))
                  for name in ("meta.json", "train.bin", "train_doc_index.npy", "val.bin", "val_doc_index.npy",
-                              "tokenizer.model")}
+                              *masks, "tokenizer.model")}
         n_tokens = assemble(tokens, len(shards), files)
         with open(model_path, "rb") as f:
             shutil.copyfileobj(f, files["tokenizer.model"])
@@ -650,6 +680,8 @@ def prepare(args, paths: list[str], n_train_files: int, shards: list[list[tuple]
             "text_field": args.text_field, "val_fraction": None if args.val_input else args.val_fraction,
             "seed": args.seed,
         }
+        if args.chat:  # one uint8 per token, 1 where the token is a training target (tokenizer.render_chat)
+            meta["loss_mask"] = {"train": "train_mask.bin", "val": "val_mask.bin"}
         files["meta.json"].write(json.dumps(meta, indent=2) + "\n")
         (out / "meta.json").unlink(missing_ok=True)
 

@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from tokenizer import line_chunks
+from tokenizer import conversation_messages, line_chunks
 
 # Documents longer than this are cut at line boundaries into chunks, each then a document of its own
 # (own hash, own </s>). It bounds the memory and the size of a unit of work however long a file is;
@@ -157,14 +157,21 @@ class Log:
                 self.warnings.append((len(self.piece_lines), line, message))
 
 
-def record_text(line: bytes, field: str) -> bytes:
-    """UTF-8 of a JSONL line's text field; a ValueError says what is wrong with the line."""
+def record_text(line: bytes, field: str | None) -> bytes:
+    """UTF-8 of a JSONL line's text field (field None: the line's conversation, as the canonical JSON of its
+    messages, so that one conversation in minimind's and in OpenAI's format is one exact duplicate); a ValueError
+    says what is wrong with the line."""
     try:
         record = json.loads(line)
     except UnicodeDecodeError:
         raise ValueError("not UTF-8") from None
     except ValueError:
         raise ValueError("not valid JSON") from None
+    if field is None:
+        try:
+            return json.dumps(conversation_messages(record), ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a message holds an unpaired surrogate escape") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     if not isinstance(record.get(field), str):
@@ -186,7 +193,7 @@ def document_chunks(line: int, data: bytes, log: Log):
             yield line, chunk
 
 
-def jsonl_documents(path: str, start: int, end: int | None, field: str, log: Log):
+def jsonl_documents(path: str, start: int, end: int | None, field: str | None, log: Log):
     lineno = 0
     try:
         for lineno, line in enumerate(jsonl_lines(path, start, end), 1):
@@ -195,7 +202,10 @@ def jsonl_documents(path: str, start: int, end: int | None, field: str, log: Log
             try:
                 data = record_text(line, field)
             except ValueError as e:
-                log.skip("malformed JSONL lines", lineno, f"{e}, line skipped")
+                log.skip("malformed JSONL lines" if field else "malformed conversations", lineno, f"{e}, line skipped")
+                continue
+            if field is None and len(data) > CHUNK_BYTES:  # a conversation cut in two would be two wrong ones
+                log.skip("conversations over CHUNK_BYTES", lineno, f"longer than {CHUNK_BYTES:,} bytes, line skipped")
                 continue
             yield from document_chunks(lineno, data, log)
     except (OSError, EOFError, zlib.error) as e:
@@ -284,9 +294,10 @@ def plan_shards(paths: list[str], shard_bytes: int, field: str) -> tuple[list[li
     return (shards, sizes) if shards[0] else ([], [])
 
 
-def piece_documents(path: str, start: int, end: int | None, field: str, log: Log):
+def piece_documents(path: str, start: int, end: int | None, field: str | None, log: Log):
     """(line, UTF-8 text) of every document of one piece of plan_shards: bytes start to end of a JSONL
-    file, row groups start to end of a Parquet file, or a whole text or compressed file."""
+    file, row groups start to end of a Parquet file, or a whole text or compressed file. field None: the
+    JSONL lines are conversations (record_text)."""
     kind = input_format(path)
     if kind == "parquet":
         return parquet_documents(path, start, end, field, log)
