@@ -271,6 +271,18 @@ def generate(task, make, split, rng, prompt, unique):
                "task": task, "answer": fields["answer"], **fields}
 
 
+def add_difficulty_arguments(parser: argparse.ArgumentParser) -> None:
+    """--digits, --k, --length: each task's difficulty knob (tasks.py and eval.py take the same flags)."""
+    for knob in KNOBS:
+        users = [(task, default) for task, (_, _, (name, default, _, _)) in TASKS.items() if name == knob]
+        parser.add_argument(f"--{knob}", type=int, help=", ".join(f"{task} (default {d})" for task, d in users))
+
+
+def difficulty_of(args) -> dict:
+    """The knobs given on the command line, for examples(**difficulty)."""
+    return {knob: getattr(args, knob) for knob in KNOBS if getattr(args, knob) is not None}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--task", required=True, choices=TASKS)
@@ -280,13 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lang", choices=LANGS, default="en")
     parser.add_argument("--unique", action="store_true", help="each problem at most once")
-    for knob in KNOBS:
-        users = [(task, default) for task, (_, _, (name, default, _, _)) in TASKS.items() if name == knob]
-        parser.add_argument(f"--{knob}", type=int, help=", ".join(f"{task} (default {d})" for task, d in users))
+    add_difficulty_arguments(parser)
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
-    difficulty = {knob: getattr(args, knob) for knob in KNOBS if getattr(args, knob) is not None}
+    difficulty = difficulty_of(args)
     prompts = set()
     try:
         stream = examples(args.task, args.split, args.seed, args.lang, args.unique, **difficulty)
