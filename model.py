@@ -278,17 +278,20 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def make_attention_mask(key_is_real, n_queries):
+def make_attention_mask(key_is_real, n_queries, doc_ids=None):
     """Which keys each query may attend to, for both attention backends.
 
     key_is_real (B, S) marks the cached and new keys that are real tokens (not padding); the queries are the
-    last n_queries of those S positions. Query i may see key j when j <= i (causal) and key j is real.
+    last n_queries of those S positions. Query i may see key j when j <= i (causal) and key j is real, and,
+    given doc_ids (B, S) of packed documents, when both belong to one document.
     Returns allowed (B, 1, T, S) and has_key (B, 1, T, 1), whether a query has any key it may see.
     """
     S = key_is_real.size(1)
     query_pos = torch.arange(S - n_queries, S, device=key_is_real.device)
     causal = torch.arange(S, device=key_is_real.device)[None, :] <= query_pos[:, None]  # (T, S)
     allowed = causal & key_is_real[:, None, :]  # (B, T, S)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, -n_queries:, None] == doc_ids[:, None, :])
     has_key = allowed.any(dim=-1, keepdim=True)
     # A query with no allowed key (a left-padding position) would get softmax over all -inf = NaN, and masking
     # its output afterwards does not help the backward pass: the gradient still flows through the softmax and
@@ -727,12 +730,19 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
 
-    def forward(self, idx, targets=None, attention_mask=None, kv_cache=None):
+    def forward(self, idx, targets=None, attention_mask=None, kv_cache=None, doc_ids=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) are given.
 
         attention_mask (B, T): 1 = real token, 0 = padding (Hugging Face convention), for left-padded batches.
         kv_cache: idx holds only the new tokens; they attend to every cached token and are appended.
+        doc_ids (B, T): training windows packed with several documents (fine-tuning conversations), each
+        position's document, non-decreasing along a row. A token attends only to its own document and its
+        position restarts at 0 where its document starts, so each document computes what it computes alone.
         """
+        if doc_ids is not None:
+            if kv_cache is not None or attention_mask is not None:
+                raise ValueError("doc_ids is for packed training windows: no padding mask, no KV cache")
+            return self.forward_packed(idx, targets, doc_ids)
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -750,6 +760,20 @@ class Transformer(nn.Module):
         # Without padding, the two common cases need no mask tensor: training (T == S) and generating one token.
         mask = make_attention_mask(key_is_real, T) if padded or 1 < T < start + T else None
 
+        return self.logits_and_loss(idx, targets, positions, mask, kv_cache)
+
+    def forward_packed(self, idx, targets, doc_ids):
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"{T} tokens exceed block_size {self.config.block_size}")
+        steps = torch.arange(T, device=idx.device).expand_as(doc_ids)
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        positions = steps - torch.where(starts, steps, 0).cummax(dim=1).values  # (B, T): steps since the start
+        mask = make_attention_mask(torch.ones_like(doc_ids, dtype=torch.bool), T, doc_ids)
+        return self.logits_and_loss(idx, targets, positions, mask, None)
+
+    def logits_and_loss(self, idx, targets, positions, mask, kv_cache):
         x = self.wte(idx)  # (B, T, n_embd)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import (
     KVCache,
@@ -648,3 +649,30 @@ def test_flash_matches_sdpa_loss_and_gradients():
     assert_close(flash_loss, sdpa_loss, rtol=1e-5, atol=1e-5)
     for name, grad in sdpa_grads.items():
         assert_close(flash_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe"])
+def test_packed_documents_compute_what_each_computes_alone(impl, arch):
+    model = lively_model(attn_impl=impl, **ARCHS[arch])
+    lengths = [[5, 9, 2], [16], [1, 7, 8]]  # documents packed one after another into rows of 16
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 64, (3, 16), generator=gen)
+    doc_ids = torch.tensor([sum(([d] * n for d, n in enumerate(row)), []) for row in lengths])
+    targets = torch.randint(0, 64, (3, 16), generator=gen)
+    targets[0, :5] = -100  # positions without a target (a prompt) are left out of the mean
+    packed, loss = model(idx, targets, doc_ids=doc_ids)
+    nats = []
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            alone, _ = model(idx[b:b + 1, start:start + n])
+            # Softmax runs in float32 even in a float64 model, over rows of other lengths: hence 1e-5. A token
+            # that saw another document would differ by far more in this model, whose every logit uses its context.
+            assert_close(packed[b, start:start + n], alone[0], atol=1e-5, rtol=1e-5)
+            kept = targets[b, start:start + n] != -100
+            nats.append(F.cross_entropy(alone[0][kept], targets[b, start:start + n][kept], reduction="sum"))
+            start += n
+    assert_close(loss.double(), torch.stack(nats).sum() / (targets != -100).sum(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="doc_ids is for packed training windows"):
+        model(idx, doc_ids=doc_ids, attention_mask=torch.ones_like(idx))
