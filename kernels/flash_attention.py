@@ -1,10 +1,11 @@
 """
 Flash attention (FlashAttention-2, Dao 2023) forward and backward in Triton, with grouped-query heads,
-sliding windows and different q.k and v head dims.
+sliding windows, packed documents and different q.k and v head dims.
 
     from kernels import flash_attention
     out = flash_attention(q, k, v, causal=True)   # q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk),
                                                   # v (B, n_kv_head, T, d_v) -> out (B, n_head, T, d_v)
+    out = flash_attention(q, k, v, doc_ids=doc_ids)  # doc_ids (B, T): several documents packed in each row
 
 On a CPU, set TRITON_INTERPRET=1 before importing this module and the same kernels run in Triton's
 interpreter (slowly: one program after another); tests/test_kernels.py does that.
@@ -19,6 +20,14 @@ what makes it fast: unfused attention is limited by that memory traffic, not by 
 Read tiled_attention in kernels/attention_reference.py first: the same algorithm in plain PyTorch, with the
 same names (m_i, l_i, acc, alpha, base-2 scores, MIN_SCORE) and a Python loop over the query blocks that the GPU
 runs as one program each.
+
+Packed documents (FlashAttention's "variable-length" mode, in our (B, heads, T, d) layout): doc_ids (B, T) numbers
+the documents packed one after another in each row, and a query attends only to keys of its own document. The
+kernels name each position's document by its first position (doc_start, computed once from doc_ids) and mask pairs
+whose names differ. Because a document is one contiguous run, a block of queries needs no key before the start of
+its first query's document nor after the end of its last query's, and those blocks are never visited: the work is
+then the sum of the documents' squared lengths instead of T^2, so a row packed with short documents costs about
+what those documents cost alone.
 
 Conventions used by every kernel below:
 - One program handles one tile: BLOCK_M query rows or BLOCK_N key rows of one (batch, head).
@@ -44,7 +53,8 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2_E = 1.4426950408889634
 # Finite, not -inf: a row whose first key block is entirely masked (a sliding window starting inside a
-# block) then computes exp2(-inf - m) = 0 and exp2(m - m) = 1, where -inf would give exp2(-inf + inf) = NaN.
+# block, or a block shared with an earlier document) then computes exp2(-inf - m) = 0 and exp2(m - m) = 1,
+# where -inf would give exp2(-inf + inf) = NaN. Every row sees at least itself, so none stays at MIN_SCORE.
 MIN_SCORE = tl.constexpr(-1.0e30)
 
 
@@ -79,27 +89,59 @@ def _batch_and_head(bh, n_heads):
 
 
 @triton.jit
-def _allowed(q_idx, k_idx, T, window, CAUSAL: tl.constexpr):
+def _allowed(q_idx, k_idx, T, window, DOC_START, b, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Which (query, key) pairs take part: both inside the sequence and, for causal attention, the key
-    neither in the query's future nor older than its last `window` positions (window = T: no window).
+    neither in the query's future nor older than its last `window` positions (window = T: no window); with
+    packed documents, also both in the same document of batch row b, i.e. with the same first position.
     q_idx and k_idx broadcast against each other, so one function serves (M, N) and (N, M) tiles."""
     ok = (q_idx < T) & (k_idx < T)
     if CAUSAL:
         ok = ok & (k_idx <= q_idx) & (k_idx > q_idx - window)
+    if HAS_DOCS:
+        doc_row = DOC_START + b * T
+        q_doc = tl.load(doc_row + q_idx, mask=q_idx < T, other=0)
+        k_doc = tl.load(doc_row + k_idx, mask=k_idx < T, other=0)
+        ok = ok & (q_doc == k_doc)
     return ok
 
 
 @triton.jit
-def _key_range(start_m, T, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _narrow_range(lo, full_lo, full_hi, hi, first, last, DOC_START, DOC_END, b, T, HAS_DOCS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The end that _key_range and _query_range share: with packed documents, narrow the range [lo, hi) of
+    positions on the other side (keys of a query block, or queries of a key block), in blocks of BLOCK, to the
+    documents of this block's positions first .. last; then fit the unmasked part [full_lo, full_hi) inside.
+
+    Doc ids never decrease along T, so the block's documents are the run from first's document to last's:
+    nothing before first's document starts, nothing after last's ends. A whole other-side block needs no mask
+    only if it lies inside every one of the block's documents: from the start of last's to the end of first's
+    (empty when the block holds a document boundary).
+    """
+    if HAS_DOCS:
+        row_start, row_end = DOC_START + b * T, DOC_END + b * T
+        lo = tl.maximum(lo, tl.load(row_start + first) // BLOCK * BLOCK)
+        hi = tl.minimum(hi, tl.load(row_end + last))
+        full_lo = tl.maximum(full_lo, tl.cdiv(tl.load(row_start + last), BLOCK) * BLOCK)
+        full_hi = tl.minimum(full_hi, tl.load(row_end + first) // BLOCK * BLOCK)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [lo, hi) that queries start_m .. start_m + BLOCK_M - 1 attend to, and its middle part
     [full_lo, full_hi) of whole key blocks where every pair is allowed, so those blocks skip the mask.
 
     Visiting only [lo, hi) is what makes causal attention half the work: the key blocks above the
-    diagonal, and with a window the blocks before it, are never loaded. Every bound is a multiple of
-    BLOCK_N or equals hi, so the three loops [lo, full_lo), [full_lo, full_hi), [full_hi, hi) tile it.
+    diagonal, and with a window the blocks before it, are never loaded; with packed documents, neither are
+    the blocks of other documents, which is what makes the cost the sum of squared document lengths, not
+    T^2. Every bound is a multiple of BLOCK_N or equals hi, so the three loops [lo, full_lo),
+    [full_lo, full_hi), [full_hi, hi) tile it.
     """
+    last_q = tl.minimum(start_m + BLOCK_M, T) - 1
     if CAUSAL:
-        last_q = tl.minimum(start_m + BLOCK_M, T) - 1
         lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N  # the first query's oldest key
         hi = last_q + 1  # no query sees past itself
         # Unmasked blocks: the first key is inside the last query's window, the last key is not after
@@ -111,17 +153,17 @@ def _key_range(start_m, T, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
         hi = T
         full_lo = 0
         full_hi = T // BLOCK_N * BLOCK_N  # only the last, partial block needs the sequence-end mask
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+    return _narrow_range(lo, full_lo, full_hi, hi, start_m, last_q, DOC_START, DOC_END, b, T, HAS_DOCS, BLOCK_N)
 
 
 @triton.jit
-def _query_range(start_n, T, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_range(start_n, T, window, DOC_START, DOC_END, b, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The mirror of _key_range for the dK/dV kernel: queries [lo, hi) that attend to keys
-    start_n .. start_n + BLOCK_N - 1, and the whole query blocks [full_lo, full_hi) that need no mask."""
+    start_n .. start_n + BLOCK_N - 1, and the whole query blocks [full_lo, full_hi) that need no mask. Sharing
+    a document is symmetric, so documents narrow it as they narrow _key_range."""
+    last_k = tl.minimum(start_n + BLOCK_N, T) - 1
     if CAUSAL:
-        last_k = tl.minimum(start_n + BLOCK_N, T) - 1
         lo = start_n // BLOCK_M * BLOCK_M  # earlier queries cannot see the block's first key
         hi = tl.minimum(last_k + window, T)  # query last_k + window - 1 is the last to reach last_k
         full_lo = tl.cdiv(last_k, BLOCK_M) * BLOCK_M
@@ -131,9 +173,7 @@ def _query_range(start_n, T, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
         hi = T
         full_lo = 0
         full_hi = T // BLOCK_M * BLOCK_M
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+    return _narrow_range(lo, full_lo, full_hi, hi, start_n, last_k, DOC_START, DOC_END, b, T, HAS_DOCS, BLOCK_M)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,8 +182,8 @@ def _query_range(start_n, T, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-                  start, end, T, window, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr,
-                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                  start, end, T, window, DOC_START, b, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """Fold key blocks start .. end into one query block's running softmax.
 
@@ -156,7 +196,8 @@ def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m
         k = _load_tile(k_base, offs_n, stride_kt, offs_dqk, T, D_QK)  # (BLOCK_N, BLOCK_DQK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:
-            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, CAUSAL), s, float("-inf"))
+            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, DOC_START, b, CAUSAL, HAS_DOCS), s,
+                         float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rescale what was accumulated relative to the old maximum; subtracting the maximum keeps every
         # exp2 at most 1, so nothing overflows even in fp16 scores.
@@ -171,14 +212,15 @@ def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE,
+def _forward_kernel(Q, K, V, O, LSE, DOC_START, DOC_END,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     T, n_head, group, window, qk_scale,
                     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    """One program per (query block, batch * head)."""
+    """One program per (query block, batch * head). DOC_START and DOC_END, (B, T) int32 (None without
+    documents): the first position of each position's document and one past its last."""
     # Causal query blocks near the end see the most keys; starting them first shortens the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -194,16 +236,17 @@ def _forward_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], MIN_SCORE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, T, window, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
+                                          BLOCK_N)
     acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
-                                  offs_dv, lo, full_lo, T, window, qk_scale, D_QK, D_V, CAUSAL, True,
-                                  BLOCK_N, DOT_PRECISION)
+                                  offs_dv, lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
+                                  HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
-                                  offs_dv, full_lo, full_hi, T, window, qk_scale, D_QK, D_V, CAUSAL, False,
-                                  BLOCK_N, DOT_PRECISION)
+                                  offs_dv, full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
+                                  HAS_DOCS, False, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
-                                  offs_dv, full_hi, hi, T, window, qk_scale, D_QK, D_V, CAUSAL, True,
-                                  BLOCK_N, DOT_PRECISION)
+                                  offs_dv, full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
+                                  HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
     # A row past the sequence end may have seen no key (l_i = 0): it is not stored, the guard only avoids 0 / 0.
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     _store_tile(O + b * stride_ob + h * stride_oh, acc / l_i[:, None], offs_m, stride_ot, offs_dv, T, D_V)
@@ -240,9 +283,9 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, str
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-               offs_dqk, offs_dv, start, end, T, window, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr,
-               CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               offs_dqk, offs_dv, start, end, T, window, DOC_START, b, qk_scale, D_QK: tl.constexpr,
+               D_V: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add query blocks start .. end of one query head to a key block's dK and dV.
 
     Works on transposed tiles, keys as rows (S^T = K Q^T), so that dV = P^T dO and dK = dS^T Q are plain
@@ -257,7 +300,8 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, s
         delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            s_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], T, window, CAUSAL), s_t, float("-inf"))
+            s_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], T, window, DOC_START, b, CAUSAL, HAS_DOCS),
+                           s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # P^T, the forward's probabilities, recomputed
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -267,13 +311,13 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, s
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                  stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                  stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                  T, n_head, n_kv_head, group, window, qk_scale, softmax_scale,
                  D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """One program per (key block, batch * kv head). It loops over the `group` query heads that share this
     kv head, so the group's sum of dK and dV happens in registers: no atomics, no per-head copies."""
@@ -287,7 +331,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     v = _load_tile(V + b * stride_vb + kvh * stride_vh, offs_n, stride_vt, offs_dv, T, D_V)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, full_lo, full_hi, hi = _query_range(start_n, T, window, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _query_range(start_n, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
+                                            BLOCK_N)
     for g in range(group):
         h = kvh * group + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -295,22 +340,23 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lse_base = LSE + (b * n_head + h) * T
         delta_base = DELTA + (b * n_head + h) * T
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                            offs_dqk, offs_dv, lo, full_lo, T, window, qk_scale, D_QK, D_V, CAUSAL, True,
-                            BLOCK_M, DOT_PRECISION)
+                            offs_dqk, offs_dv, lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
+                            HAS_DOCS, True, BLOCK_M, DOT_PRECISION)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                            offs_dqk, offs_dv, full_lo, full_hi, T, window, qk_scale, D_QK, D_V, CAUSAL, False,
-                            BLOCK_M, DOT_PRECISION)
+                            offs_dqk, offs_dv, full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
+                            HAS_DOCS, False, BLOCK_M, DOT_PRECISION)
         dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                            offs_dqk, offs_dv, full_hi, hi, T, window, qk_scale, D_QK, D_V, CAUSAL, True,
-                            BLOCK_M, DOT_PRECISION)
+                            offs_dqk, offs_dv, full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
+                            HAS_DOCS, True, BLOCK_M, DOT_PRECISION)
     _store_tile(DK + b * stride_dkb + kvh * stride_dkh, dk * softmax_scale, offs_n, stride_dkt, offs_dqk, T, D_QK)
     _store_tile(DV + b * stride_dvb + kvh * stride_dvh, dv, offs_n, stride_dvt, offs_dv, T, D_V)
 
 
 @triton.jit
 def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-             start, end, T, window, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr, CAUSAL: tl.constexpr,
-             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             start, end, T, window, DOC_START, b, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
     """Add key blocks start .. end to a query block's dQ, which carries sum_j dS_ij k_j (scale at the end)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -318,7 +364,8 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m
         v = _load_tile(v_base, offs_n, stride_vt, offs_dv, T, D_V)  # (BLOCK_N, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, CAUSAL), s, float("-inf"))
+            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, DOC_START, b, CAUSAL, HAS_DOCS), s,
+                         float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -327,13 +374,13 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                stride_dqb, stride_dqh, stride_dqt,
                T, n_head, group, window, qk_scale, softmax_scale,
                D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """One program per (query block, batch * head), visiting the same key blocks as the forward."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest causal blocks first
@@ -349,13 +396,17 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, T, window, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
+                                          BLOCK_N)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-                  lo, full_lo, T, window, qk_scale, D_QK, D_V, CAUSAL, True, BLOCK_N, DOT_PRECISION)
+                  lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_N,
+                  DOT_PRECISION)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-                  full_lo, full_hi, T, window, qk_scale, D_QK, D_V, CAUSAL, False, BLOCK_N, DOT_PRECISION)
+                  full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, False, BLOCK_N,
+                  DOT_PRECISION)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-                  full_hi, hi, T, window, qk_scale, D_QK, D_V, CAUSAL, True, BLOCK_N, DOT_PRECISION)
+                  full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_N,
+                  DOT_PRECISION)
     _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * softmax_scale, offs_m, stride_dqt, offs_dqk, T, D_QK)
 
 
@@ -430,8 +481,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, causal, softmax_scale, window, tiles):
-    """Launch the forward: returns out (B, n_head, T, d_v) and lse (B, n_head, T) fp32, base 2."""
+def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_end=None):
+    """Launch the forward: returns out (B, n_head, T, d_v) and lse (B, n_head, T) fp32, base 2. doc_start and
+    doc_end: _document_spans's, or None for no documents."""
     B, n_head, T, d_qk = q.shape
     n_kv_head, d_v = k.size(1), v.size(3)
     # out is laid out (B, T, n_head, d_v) in memory and returned as a (B, n_head, T, d_v) view: the model's
@@ -439,16 +491,17 @@ def _forward(q, k, v, causal, softmax_scale, window, tiles):
     out = q.new_empty(B, T, n_head, d_v).transpose(1, 2)
     lse = torch.empty(B, n_head, T, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(T, tiles.block_m), B * n_head)
-    _forward_kernel[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                          T, n_head, n_head // n_kv_head, window, softmax_scale * LOG2_E,
+    _forward_kernel[grid](q, k, v, out, lse, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
+                          *_strides(out), T, n_head, n_head // n_kv_head, window, softmax_scale * LOG2_E,
                           D_QK=d_qk, D_V=d_v, BLOCK_DQK=_pad(d_qk), BLOCK_DV=_pad(d_v),
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-                          DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps,
-                          num_stages=tiles.num_stages)
+                          HAS_DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype),
+                          num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, dq_tiles):
+def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, dq_tiles, doc_start=None,
+              doc_end=None):
     """Launch the three backward kernels: returns dq, dk, dv, each shaped and laid out like its input."""
     B, n_head, T, d_qk = q.shape
     n_kv_head, d_v = k.size(1), v.size(3)
@@ -456,18 +509,18 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, 
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(D_QK=d_qk, D_V=d_v, BLOCK_DQK=_pad(d_qk), BLOCK_DV=_pad(d_v), CAUSAL=causal,
-                  DOT_PRECISION=_dot_precision(q.dtype))
+                  HAS_DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
     _delta_kernel[(triton.cdiv(T, dq_tiles.block_m), B * n_head)](
         out, do, delta, *_strides(out), *_strides(do), T, n_head, D_V=d_v, BLOCK_DV=_pad(d_v),
         BLOCK_M=dq_tiles.block_m)
     _dkdv_kernel[(triton.cdiv(T, dkdv_tiles.block_n), B * n_kv_head)](
-        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), T, n_head, n_kv_head, group, window, softmax_scale * LOG2_E, softmax_scale,
         BLOCK_M=dkdv_tiles.block_m, BLOCK_N=dkdv_tiles.block_n, num_warps=dkdv_tiles.num_warps,
         num_stages=dkdv_tiles.num_stages, **common)
     _dq_kernel[(triton.cdiv(T, dq_tiles.block_m), B * n_head)](
-        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        T, n_head, group, window, softmax_scale * LOG2_E, softmax_scale,
+        q, k, v, do, lse, delta, dq, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq), T, n_head, group, window, softmax_scale * LOG2_E, softmax_scale,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
         num_stages=dq_tiles.num_stages, **common)
     return dq, dk, dv
@@ -477,29 +530,39 @@ class FlashAttention(torch.autograd.Function):
     """Saves q, k, v, the output and the log-sum-exp (O(T) per head), never the (T, T) probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, window):
+    def forward(ctx, q, k, v, causal, softmax_scale, window, doc_start, doc_end):
         fwd_tiles, ctx.dkdv_tiles, ctx.dq_tiles = launch_tiles(q.size(3), v.size(3), q.dtype, q.device)
-        out, lse = _forward(q, k, v, causal, softmax_scale, window, fwd_tiles)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = _forward(q, k, v, causal, softmax_scale, window, fwd_tiles, doc_start, doc_end)
+        ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end)
         ctx.causal, ctx.softmax_scale, ctx.window = causal, softmax_scale, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
         dq, dk, dv = _backward(_unit_last_stride(dout), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                               ctx.window, ctx.dkdv_tiles, ctx.dq_tiles)
-        return dq, dk, dv, None, None, None
+                               ctx.window, ctx.dkdv_tiles, ctx.dq_tiles, doc_start, doc_end)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None):
+def _document_spans(doc_ids):
+    """doc_start, doc_end (B, T) int32: the first position of each position's document and one past its last.
+    Doc ids never decrease along a row, so a document is the run of equal ids, found by binary search."""
+    doc_ids = doc_ids.contiguous()
+    return (torch.searchsorted(doc_ids, doc_ids, out_int32=True),
+            torch.searchsorted(doc_ids, doc_ids, right=True, out_int32=True))
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None):
     """softmax(q k^T * softmax_scale + mask) v, differentiable, for one sequence length T of queries and keys.
 
     q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk), v (B, n_kv_head, T, d_v) -> (B, n_head, T, d_v), with
     n_head a multiple of n_kv_head (query head h uses kv head h // (n_head // n_kv_head)), head dims up to
     256, fp16, bf16 or fp32 (fp32 accumulation throughout). softmax_scale defaults to 1 / sqrt(d_qk).
-    window_size=W (causal only): query i sees keys i - W + 1 .. i. There is no padding mask and no offset
-    between query and key positions (a KV cache): callers with those use another attention.
+    window_size=W (causal only): query i sees keys i - W + 1 .. i. doc_ids (B, T), integers that never decrease
+    along T: each position's document among those packed one after another in its row (padding at the end can
+    be a document of its own); a query then sees only keys of its own document. There is no other padding mask
+    and no offset between query and key positions (a KV cache): callers with those use another attention.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-d (B, heads, T, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -517,10 +580,23 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None):
                          f"{v.dtype}")
     if window_size is not None and (not causal or window_size < 1):
         raise ValueError(f"window_size must be a positive int with causal=True, got {window_size} (causal={causal})")
+    if doc_ids is not None:
+        if doc_ids.shape != (B, T) or doc_ids.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                            torch.int64):
+            raise ValueError(f"doc_ids must be an integer tensor of shape (B, T) = ({B}, {T}), got {doc_ids.dtype} "
+                             f"{tuple(doc_ids.shape)}")
+        if doc_ids.device != q.device:
+            raise ValueError(f"doc_ids must be on q's device {q.device}, got {doc_ids.device}")
+        # One check on the whole tensor (a device-to-host sync on a GPU): decreasing ids would make the kernels
+        # skip blocks that hold allowed keys, silently wrong.
+        if (doc_ids[:, 1:] < doc_ids[:, :-1]).any():
+            raise ValueError("doc_ids must never decrease along T: documents are packed one after another, each "
+                             "a contiguous run of equal ids")
     if not q.is_cuda and not INTERPRETED:
         raise RuntimeError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before importing kernels")
     softmax_scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else float(softmax_scale)
     # A window as long as the sequence is no window: one code path, with no test for "no window" in the kernels.
     window = T if window_size is None else min(int(window_size), T)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, window)
+    doc_start, doc_end = (None, None) if doc_ids is None else _document_spans(doc_ids)
+    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, window, doc_start, doc_end)

@@ -1,6 +1,7 @@
 """Tests of kernels/attention_reference.py: tiled_attention, the flash forward's algorithm block by block, computes
 reference_attention's function; and reference_attention itself is PyTorch's scaled_dot_product_attention, so the
-float64 oracle that tests/test_kernels.py trusts is checked against an implementation that is not ours.
+float64 oracle that tests/test_kernels.py trusts is checked against an implementation that is not ours. Both with
+and without packed documents (doc_ids), whose mask SDPA gets as an explicit boolean matrix.
 """
 
 import math
@@ -26,6 +27,15 @@ CASES = {
     "window3_one_key_per_block": (1, 2, 1, 19, 16, 16, True, 3, None, 5, 1),
     "T1": (2, 2, 1, 1, 16, 16, True, None, None, 32, 16),
 }
+# Packed documents, as CASES plus each batch row's document lengths: documents shorter than a block and spanning
+# blocks, starting on block edges and inside blocks, rows laid out differently, and a row that is one document.
+DOC_CASES = {
+    "docs_causal_T70": (2, 2, 2, 70, 16, 16, True, None, None, 16, 8, [[3, 20, 1, 40, 6], [45, 25]]),
+    "docs_full_gqa2_T50": (2, 4, 2, 50, 32, 16, False, None, None, 16, 32, [[10, 33, 7], [50]]),
+    "docs_on_block_edges_T64": (1, 2, 1, 64, 16, 16, True, None, 0.3, 16, 16, [[16, 16, 32]]),
+    "docs_window9_gqa4": (2, 4, 1, 60, 16, 8, True, 9, None, 8, 16, [[30, 3, 27], [1, 1, 58]]),
+    "docs_of_one_token_full": (1, 2, 2, 12, 16, 16, False, None, None, 4, 8, [[1] * 12]),
+}
 
 
 def random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, dtype):
@@ -35,21 +45,36 @@ def random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, dtype):
             torch.randn(B, n_kv_head, T, d_v, generator=gen, dtype=dtype))
 
 
-def attn_mask(T, causal, window_size):
+def packed_doc_ids(doc_lengths):
+    """doc_ids (B, T) of rows that pack documents of the given lengths one after another: 0, 0, 0, 1, 1, 2, ..."""
+    return torch.tensor([[doc for doc, n in enumerate(row) for _ in range(n)] for row in doc_lengths])
+
+
+def attn_mask(T, causal, window_size, doc_lengths=None):
     """The mask SDPA is given, built another way than the reference's: j <= i is the lower triangle, and of it
-    tril(-W) holds the keys W or more behind the query, the ones a window of W hides."""
-    if not causal:
-        return None
+    tril(-W) holds the keys W or more behind the query, the ones a window of W hides; packed documents are the
+    diagonal blocks of a block-diagonal matrix, (B, 1, T, T) to broadcast over the heads."""
     ones = torch.ones(T, T, dtype=torch.bool)
-    return ones.tril() if window_size is None else ones.tril() & ~ones.tril(-window_size)
+    mask = None if not causal else ones.tril() if window_size is None else ones.tril() & ~ones.tril(-window_size)
+    if doc_lengths is None:
+        return mask
+    docs = torch.stack([torch.block_diag(*(torch.ones(n, n, dtype=torch.bool) for n in row)) for row in doc_lengths])
+    return docs[:, None] if mask is None else docs[:, None] & mask
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_tiled_attention_equals_reference(case):
+def with_docs(cases, doc_cases):
+    """pytest parameters (case, doc_lengths, id): cases without documents, then doc_cases with them."""
+    return ([pytest.param(case, None, id=name) for name, case in cases.items()]
+            + [pytest.param(case[:-1], case[-1], id=name) for name, case in doc_cases.items()])
+
+
+@pytest.mark.parametrize("case, doc_lengths", with_docs(CASES, DOC_CASES))
+def test_tiled_attention_equals_reference(case, doc_lengths):
     B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, block_m, block_n = case
     q, k, v = random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, torch.float32)
-    out, lse = tiled_attention(q, k, v, causal, softmax_scale, window_size, block_m=block_m, block_n=block_n)
-    expected = reference_attention(q, k, v, causal, softmax_scale, window_size)
+    doc_ids = None if doc_lengths is None else packed_doc_ids(doc_lengths)
+    out, lse = tiled_attention(q, k, v, causal, softmax_scale, window_size, doc_ids, block_m=block_m, block_n=block_n)
+    expected = reference_attention(q, k, v, causal, softmax_scale, window_size, doc_ids)
     assert out.shape == (B, n_head, T, d_v) and out.dtype == torch.float32 and lse.shape == (B, n_head, T)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
 
@@ -57,7 +82,7 @@ def test_tiled_attention_equals_reference(case):
     scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else softmax_scale
     k64 = k.double().repeat_interleave(n_head // n_kv_head, dim=1)
     scores = q.double() @ k64.transpose(-2, -1) * scale
-    mask = attn_mask(T, causal, window_size)
+    mask = attn_mask(T, causal, window_size, doc_lengths)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(lse.double() * math.log(2), torch.logsumexp(scores, dim=-1), rtol=1e-6, atol=1e-5)
@@ -71,14 +96,15 @@ def test_tiled_attention_accumulates_half_inputs_in_float32():
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, window_size=7), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_reference_equals_torch_sdpa(case):
+@pytest.mark.parametrize("case, doc_lengths", with_docs(CASES, DOC_CASES))
+def test_reference_equals_torch_sdpa(case, doc_lengths):
     B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, _, _ = case
     q, k, v = (x.requires_grad_() for x in random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, torch.float64))
-    mask = attn_mask(T, causal, window_size)
+    mask = attn_mask(T, causal, window_size, doc_lengths)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, scale=softmax_scale,
                                               enable_gqa=True)
-    out = reference_attention(q, k, v, causal, softmax_scale, window_size)
+    out = reference_attention(q, k, v, causal, softmax_scale, window_size,
+                              None if doc_lengths is None else packed_doc_ids(doc_lengths))
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     # tests/test_kernels.py checks the backward kernels against the reference's gradients: those too.

@@ -1,5 +1,6 @@
 """Tests of kernels/flash_attention.py: output and gradients against float64 math attention
-(kernels/attention_reference.py, tested in tests/test_attention_reference.py).
+(kernels/attention_reference.py, tested in tests/test_attention_reference.py). With packed documents (doc_ids)
+also each document against itself run alone, and the block skipping against NaN planted in the other documents.
 
 Without a GPU the kernels run in Triton's CPU interpreter. conftest.py sets TRITON_INTERPRET before kernels is
 imported (@triton.jit reads it when a kernel is defined) and stay set (Triton reads it again at launch).
@@ -12,7 +13,8 @@ import torch
 
 from kernels import flash_attention  # TRITON_INTERPRET is set by conftest.py when there is no GPU
 from kernels.attention_reference import reference_attention, tiled_attention
-from kernels.flash_attention import _forward, launch_tiles
+from kernels.flash_attention import _document_spans, _forward, launch_tiles
+from test_attention_reference import packed_doc_ids, with_docs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Largest error allowed, relative to the largest entry of the float64 result (at least 1: with one visible
@@ -57,18 +59,36 @@ CASES = {
     "window1_sees_itself": (1, 2, 2, 17, 16, 16, True, 1, None, torch.float32, "bhtd"),
     "d256": (1, 2, 1, 20, 256, 256, True, None, None, torch.float32, "bhtd"),
 }
+# Packed documents (doc_ids), as CASES plus each batch row's document lengths: documents shorter than a block and
+# spanning several, boundaries inside blocks and on their edges, rows laid out differently, one-document rows,
+# padding as a last short document, and a row of 20- and 80-long documents whose long one has whole key blocks
+# needing no mask (the unmasked loop runs inside a document).
+DOC_CASES = {
+    "docs_mha_causal_T70": (2, 2, 2, 70, 16, 16, True, None, None, torch.float32, "bhtd",
+                            [[3, 20, 1, 40, 6], [45, 25]]),
+    "docs_gqa2_fp16_block_edges": (2, 4, 2, 64, 32, 32, True, None, None, torch.float16, "bthd",
+                                   [[16, 16, 32], [7, 57]]),
+    "docs_gqa4_full_T50": (2, 4, 1, 50, 16, 24, False, None, None, torch.float32, "bthd", [[10, 33, 7], [50]]),
+    "docs_unmasked_blocks_T100": (2, 2, 1, 100, 16, 16, True, None, 1.0, torch.float32, "bhtd",
+                                  [[20, 80], [100]]),
+    "docs_window9_gqa2_fp16": (2, 4, 2, 70, 16, 16, True, 9, None, torch.float16, "bhtd", [[30, 3, 37], [1, 1, 68]]),
+    "docs_window40_spans_blocks": (1, 2, 1, 100, 16, 16, True, 40, None, torch.float32, "bthd", [[4, 96]]),
+    "docs_of_one_token_full_fp16": (1, 2, 2, 20, 16, 16, False, None, None, torch.float16, "bhdt", [[1] * 20]),
+}
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_output_and_gradients_match_float64_reference(case):
+@pytest.mark.parametrize("case, doc_lengths", with_docs(CASES, DOC_CASES))
+def test_output_and_gradients_match_float64_reference(case, doc_lengths):
     B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, dtype, layout = case
     q, k, v = random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, dtype, layout)
-    out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size)
+    doc_ids = None if doc_lengths is None else packed_doc_ids(doc_lengths).to(DEVICE)
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                          doc_ids=doc_ids)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=DEVICE, dtype=dtype)
     out.backward(dout)
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    expected = reference_attention(q64, k64, v64, causal, softmax_scale, window_size)
+    expected = reference_attention(q64, k64, v64, causal, softmax_scale, window_size, doc_ids)
     expected.backward(dout.double())
     assert out.shape == (B, n_head, T, d_v) and out.dtype == dtype
     for name, actual, exact in (("out", out, expected), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
@@ -76,15 +96,63 @@ def test_output_and_gradients_match_float64_reference(case):
         assert_close_to(actual, exact, dtype, name)
 
 
-def test_forward_matches_tiled_attention_with_the_same_tiles():
+@pytest.mark.parametrize("doc_lengths", [None, [[5, 40, 25], [70]]])
+def test_forward_matches_tiled_attention_with_the_same_tiles(doc_lengths):
     # tiled_attention is the forward's algorithm in plain PyTorch: given the kernel's tiles it visits the same key
     # blocks, so the output and the log-sum-exp saved for the backward agree to fp32 rounding.
-    q, k, v = (x.detach() for x in random_qkv(1, 4, 2, 70, 32, 24, torch.float32, "bhtd"))
+    q, k, v = (x.detach() for x in random_qkv(2, 4, 2, 70, 32, 24, torch.float32, "bhtd"))
+    doc_ids = None if doc_lengths is None else packed_doc_ids(doc_lengths).to(DEVICE)
+    spans = (None, None) if doc_ids is None else _document_spans(doc_ids)  # what flash_attention passes
     tiles = launch_tiles(32, 24, q.dtype, q.device)[0]
-    out, lse = _forward(q, k, v, True, 0.2, 20, tiles)
-    expected_out, expected_lse = tiled_attention(q, k, v, True, 0.2, 20, tiles.block_m, tiles.block_n)
+    out, lse = _forward(q, k, v, True, 0.2, 20, tiles, *spans)
+    expected_out, expected_lse = tiled_attention(q, k, v, True, 0.2, 20, doc_ids, tiles.block_m, tiles.block_n)
     torch.testing.assert_close(out, expected_out, rtol=0, atol=2e-5)
     torch.testing.assert_close(lse, expected_lse, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal, window_size", [(True, 8), (False, None)])
+def test_each_packed_document_equals_that_document_alone(causal, window_size):
+    # What packing promises: a document's outputs and gradients do not depend on its neighbours in the row, nor on
+    # where in the row it sits (only the rounding of a different tiling separates them).
+    doc_lengths = [[5, 23, 1, 31], [40, 20]]
+    q, k, v = random_qkv(2, 4, 2, 60, 16, 16, torch.float32, "bthd")
+    kwargs = dict(causal=causal, window_size=window_size)
+    out = flash_attention(q, k, v, doc_ids=packed_doc_ids(doc_lengths).to(DEVICE), **kwargs)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    packed = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    for b, row in enumerate(doc_lengths):
+        start = 0
+        for length in row:
+            doc = (slice(b, b + 1), slice(None), slice(start, start + length))
+            alone_qkv = [x[doc].detach().requires_grad_() for x in (q, k, v)]
+            out_alone = flash_attention(*alone_qkv, **kwargs)
+            alone = (out_alone, *torch.autograd.grad(out_alone, alone_qkv, dout[doc]))
+            for name, packed_part, alone_part in zip(("out", "dq", "dk", "dv"), packed, alone):
+                torch.testing.assert_close(packed_part[doc], alone_part, rtol=1e-5, atol=1e-5, msg=name)
+            start += length
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the poisoned rows' own maxima, in the interpreter
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocks_of_other_documents_are_never_visited(causal):
+    # Documents a whole number of tiles long share no tile, so every kernel must skip the other documents' blocks
+    # entirely. NaN there would show a visit: a masked block still multiplies its zero probabilities by v (and by
+    # dO in the backward), and 0 * NaN is NaN.
+    tiles = launch_tiles(16, 16, torch.float32, torch.device(DEVICE))
+    align = max(max(t.block_m, t.block_n) for t in tiles)
+    doc_lengths = [[align, 2 * align]]
+    q, k, v = random_qkv(1, 2, 1, 3 * align, 16, 16, torch.float32, "bhtd")
+    doc_ids = packed_doc_ids(doc_lengths).to(DEVICE)
+    for doc, other in ((slice(0, align), slice(align, None)), (slice(align, None), slice(0, align))):
+        poisoned = [x.detach().clone() for x in (q, k, v)]
+        for x in poisoned:
+            x[:, :, other] = float("nan")
+        poisoned = [x.requires_grad_() for x in poisoned]
+        out = flash_attention(*poisoned, causal=causal, doc_ids=doc_ids)
+        dout = torch.ones_like(out)
+        dout[:, :, other] = float("nan")
+        for name, x in zip(("out", "dq", "dk", "dv"), (out, *torch.autograd.grad(out, poisoned, dout))):
+            assert bool(x[:, :, doc].isfinite().all()), f"{name} of positions {doc} read another document"
 
 
 def test_backward_is_bit_reproducible():
@@ -104,6 +172,14 @@ def test_backward_is_bit_reproducible():
     (((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "multiple of n_kv_head"),
     (((1, 2, 8, 320), (1, 2, 8, 320), (1, 2, 8, 16)), {}, "up to 256"),
     (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"causal": False, "window_size": 4}, "causal=True"),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"doc_ids": torch.zeros(1, 9, dtype=torch.long, device=DEVICE)},
+     r"doc_ids must be an integer tensor of shape \(B, T\) = \(1, 8\)"),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"doc_ids": torch.zeros(8, dtype=torch.long, device=DEVICE)},
+     "doc_ids must be an integer tensor"),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"doc_ids": torch.zeros(1, 8, device=DEVICE)},
+     "doc_ids must be an integer tensor"),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)),
+     {"doc_ids": torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]], device=DEVICE)}, "never decrease"),
 ])
 def test_rejects_unsupported_arguments_with_a_clear_error(shapes, kwargs, message):
     q, k, v = (torch.zeros(shape, device=DEVICE) for shape in shapes)
