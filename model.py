@@ -771,7 +771,13 @@ class Transformer(nn.Module):
         starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
         positions = steps - torch.where(starts, steps, 0).cummax(dim=1).values  # (B, T): steps since the start
         mask = make_attention_mask(torch.ones_like(doc_ids, dtype=torch.bool), T, doc_ids)
-        return self.logits_and_loss(idx, targets, positions, mask, None)
+        logits, _ = self.logits_and_loss(idx, None, positions, mask, None)
+        if targets is None:
+            return logits, None
+        # The mean over the targets there are: a window of prompts only (all -100) adds 0, where the mean would
+        # be 0 / 0 = NaN in the forward and the backward.
+        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return logits, nats / (targets != -100).sum().clamp(min=1) + self.balance_penalty()
 
     def logits_and_loss(self, idx, targets, positions, mask, kv_cache):
         x = self.wte(idx)  # (B, T, n_embd)
@@ -784,8 +790,14 @@ class Transformer(nn.Module):
             # float32 log-softmax: bf16 logits would round the loss; -100 marks positions without a target.
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             if self.training and self.config.balance_loss_coef > 0:
-                loss = loss + self.config.balance_loss_coef * sum(moe.balance_loss for moe in self.moe_layers())
+                loss = loss + self.balance_penalty()
         return logits, loss
+
+    def balance_penalty(self):
+        """alpha times DeepSeek-V3's sequence-wise balance loss of every MoE layer (0 when off or evaluating)."""
+        if not (self.training and self.config.balance_loss_coef > 0):
+            return 0.0
+        return self.config.balance_loss_coef * sum(moe.balance_loss for moe in self.moe_layers())
 
     def expert_load(self):
         """Tokens routed to each expert since the last bias update, (n_moe_layers, n_routed_experts)."""

@@ -15,6 +15,7 @@ micro-batches and parallel.py averages, so the step is the same computation what
 batch drawn for step `it` depends only on (seed, it), which makes a resumed run replay exactly.
 """
 
+import bisect
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from model import ModelConfig, Transformer
 from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
                       check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, on_rank0,
                       optimizer_state_shard)
-from tokenizer import Tokenizer
+from tokenizer import PAD_ID, Tokenizer
 
 # -----------------------------------------------------------------------------------------------
 # Configuration. Every name below is a config key; config/*.py files are executed as plain Python
@@ -47,7 +48,8 @@ from tokenizer import Tokenizer
 # rope_scaling is a dict, e.g. --rope_scaling="{'rope_type': 'linear', 'factor': 4.0}".
 out_dir = "out"
 data_dir = "data/pystdlib"  # made by prepare_data.py: train.bin, val.bin, meta.json, tokenizer.model
-init_from = "scratch"  # or "resume": continue from out_dir/ckpt.pt
+init_from = "scratch"  # or "resume": continue from out_dir/ckpt.pt; or another run's out_dir: start from its
+# weights (fine-tuning: a fresh optimizer and schedule, the model's shape from that checkpoint, a new out_dir)
 overwrite = False  # a fresh run into an out_dir that holds a run replaces it only when this is True
 eval_interval = 250
 eval_iters = 20  # batches per split per evaluation
@@ -113,7 +115,12 @@ def check_config(c: dict, world_size: int) -> None:
         raise SystemExit(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the "
                          f"number of processes ({world_size}): each process does an equal share of the micro-batches")
     if c["init_from"] not in ("scratch", "resume"):
-        raise SystemExit(f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
+        if not os.path.isfile(os.path.join(c["init_from"], "ckpt.pt")):
+            raise SystemExit(f"init_from must be 'scratch', 'resume' or the out_dir of a run to start from, and "
+                             f"{c['init_from']} holds no ckpt.pt")
+        if os.path.abspath(c["init_from"]) == os.path.abspath(c["out_dir"]):
+            raise SystemExit("init_from names out_dir itself: a run started from another writes its own out_dir "
+                             "(to continue a run, use init_from='resume')")
     if c["parallel"] not in ("handwritten", "fsdp2"):
         raise SystemExit(f"parallel must be 'handwritten' or 'fsdp2', got '{c['parallel']}'")
     if c["zero_stage"] not in (0, 1, 2, 3):
@@ -169,6 +176,62 @@ def read_meta(data_dir: str) -> tuple[dict, str]:
     return meta, hashlib.sha256(text).hexdigest()
 
 
+def pack_documents(lengths: np.ndarray, capacity: int) -> tuple[list[list[int]], int]:
+    """Best-fit decreasing bin packing: documents longest first, each into the window whose free space it fits
+    most tightly (a new window when none has room), so windows end up nearly full of real tokens and no
+    document is cut in two. A document longer than a window is truncated to it. Returns the documents of each
+    window and how many were truncated."""
+    windows, free = [], []  # free: sorted (free space, window) pairs
+    for doc in np.argsort(-lengths, kind="stable"):
+        size = min(int(lengths[doc]), capacity)
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            windows.append([])
+            space, window = capacity, len(windows) - 1
+        else:
+            space, window = free.pop(at)
+        windows[window].append(int(doc))
+        if space - size > 0:
+            bisect.insort(free, (space - size, window))
+    return windows, int((lengths > capacity).sum())
+
+
+class PackedSplit:
+    """One split of fine-tuning data (prepare_data.py --chat): conversations packed into windows of
+    block_size + 1 tokens, each window a few whole conversations and padding. A window's targets are its tokens
+    whose loss mask is 1 (the assistant replies), and attention stays inside each conversation (doc_ids)."""
+
+    def __init__(self, bin_path: str, mask_path: str, index_path: str, dtype: np.dtype, block_size: int):
+        self.bin_path, self.mask_path, self.dtype, self.capacity = bin_path, mask_path, dtype, block_size + 1
+        n_tokens = os.path.getsize(bin_path) // dtype.itemsize
+        if os.path.getsize(mask_path) != n_tokens:
+            raise SystemExit(f"{mask_path} does not hold one byte per token of {bin_path}: run prepare_data.py again")
+        self.starts = np.load(index_path)
+        self.lengths = np.diff(np.r_[self.starts, n_tokens])
+        self.windows, self.truncated = pack_documents(self.lengths, self.capacity)
+        mask = np.memmap(mask_path, np.uint8, mode="r")
+        targets = [int(mask[s:s + min(n, self.capacity)].sum()) for s, n in zip(self.starts, self.lengths)]
+        self.targets = np.array([sum(targets[d] for d in window) for window in self.windows])  # per window
+        self.real = sum(min(int(n), self.capacity) for n in self.lengths) / (len(self.windows) * self.capacity)
+
+    def batch(self, chosen: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, y (-100 where no target) and doc_ids, each (len(chosen), block_size), of the chosen windows."""
+        data, mask = np.memmap(self.bin_path, self.dtype, mode="r"), np.memmap(self.mask_path, np.uint8, mode="r")
+        tokens = np.full((len(chosen), self.capacity), PAD_ID, np.int64)
+        is_target = np.zeros((len(chosen), self.capacity), bool)
+        doc_ids = np.zeros((len(chosen), self.capacity), np.int64)
+        for row, window in enumerate(chosen):
+            at = 0
+            for doc_id, doc in enumerate(self.windows[window]):
+                start, n = self.starts[doc], min(int(self.lengths[doc]), self.capacity)
+                tokens[row, at:at + n], is_target[row, at:at + n] = data[start:start + n], mask[start:start + n]
+                doc_ids[row, at:at + n] = doc_id
+                at += n
+            doc_ids[row, at:] = len(self.windows[window])  # the padding is a document of its own
+        y = np.where(is_target[:, 1:], tokens[:, 1:], -100)
+        return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(y), torch.from_numpy(doc_ids[:, :-1])
+
+
 class TokenData:
     """The token files of a prepare_data.py folder, and the micro-batches each rank reads from them.
 
@@ -196,6 +259,12 @@ class TokenData:
             if self.n_tokens[split] <= self.block_size:
                 raise SystemExit(f"{path} holds {self.n_tokens[split]} tokens, fewer than block_size + 1 = "
                                  f"{self.block_size + 1}: use a smaller block_size or more data")
+        self.packs = None  # fine-tuning data: conversations packed into windows, with a loss mask
+        if "loss_mask" in self.meta:
+            d = c["data_dir"]
+            self.packs = {split: PackedSplit(self.bins[split], os.path.join(d, self.meta["loss_mask"][split]),
+                                             os.path.join(d, f"{split}_doc_index.npy"), self.dtype, self.block_size)
+                          for split in ("train", "val")}
         # What every rank must agree on: ranks reading different data would each train on their own corpus.
         self.identity = {"meta.json": self.meta_sha256, **{f"{split}.bin tokens": n for split, n in self.n_tokens.items()}}
         self.tokenizer_path = os.path.join(c["data_dir"], "tokenizer.model")
@@ -207,30 +276,47 @@ class TokenData:
             raise SystemExit(f"{e}: run prepare_data.py again") from None
         self.token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)
 
-    def train_batch(self, it: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch micro_step of the global batch of step it."""
+    def train_batch(self, it: int, micro_step: int):
+        """This rank's micro-batch micro_step of the global batch of step it: x, y, doc_ids (None unless packed)."""
         return self._micro_batch("train", it, 0, self.train_rows, micro_step)
 
-    def eval_batch(self, split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_targets(self, it: int) -> int:
+        """Packed data: the targets in the whole global batch of step it, on every rank the same."""
+        return int(self.packs["train"].targets[self._draw("train", it, 0, self.train_rows)].sum())
+
+    def eval_batch(self, split: str, i: int):
         """Batch i of the eval_iters * batch_size evaluation windows of split: the same windows at every evaluation
         and for any world size (rank r reads batches r, r + world_size, ...)."""
         stream = 1 + ("train", "val").index(split)
         return self._micro_batch(split, 0, stream, self.eval_iters * self.batch_size, i // self.world_size,
                                  rank=i % self.world_size)
 
+    def _draw(self, split: str, it: int, stream: int, rows: int) -> np.ndarray:
+        """The windows of (split, it, stream): start offsets in the token file, or packed windows' numbers."""
+        rng = np.random.default_rng([self.seed, stream, it])
+        if self.packs is None:
+            return rng.integers(0, self.n_tokens[split] - self.block_size, size=rows)
+        return rng.integers(0, len(self.packs[split].windows), size=rows)
+
     def _micro_batch(self, split: str, it: int, stream: int, rows: int, m: int, rank: int | None = None):
         """Rank's micro-batch m (block m * world_size + rank) of the `rows` windows of (split, it, stream), on the
-        device; x and y (batch_size, block_size). rank None: this process's own."""
-        rng = np.random.default_rng([self.seed, stream, it])
-        starts = rng.integers(0, self.n_tokens[split] - self.block_size, size=rows)
+        device; x and y (batch_size, block_size), and doc_ids for packed data. rank None: this process's own."""
         lo = (m * self.world_size + (self.rank if rank is None else rank)) * self.batch_size
-        x, y = read_windows(self.bins[split], self.dtype, starts[lo:lo + self.batch_size], self.block_size)
+        chosen = self._draw(split, it, stream, rows)[lo:lo + self.batch_size]
+        if self.packs is None:
+            x, y = read_windows(self.bins[split], self.dtype, chosen, self.block_size)
+            doc_ids = None
+        else:
+            x, y, doc_ids = self.packs[split].batch(chosen)
         if y.max() >= self.vocab_size or x.max() >= self.vocab_size:  # an embedding lookup would crash, on a GPU cryptically
             raise SystemExit(f"{self.bins[split]} holds a token id beyond the vocabulary of {self.vocab_size}: it was "
                              "not made with this folder's tokenizer")
+        return tuple(None if t is None else self.to_device(t) for t in (x, y, doc_ids))
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.startswith("cuda"):  # pinned memory lets the copy run asynchronously
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
 
 @torch.no_grad()
@@ -244,14 +330,16 @@ def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
         # Every rank runs as many forwards (stage 3 and FSDP2 gather parameters in each); a rank past the last
         # batch recomputes batch 0 and counts nothing of it.
         for i in range(data.rank, data.eval_iters + (-data.eval_iters) % data.world_size, data.world_size):
-            x, y = data.eval_batch(split, i if i < data.eval_iters else 0)
+            x, y, doc_ids = data.eval_batch(split, i if i < data.eval_iters else 0)
             with autocast:
-                logits, _ = model(x)
+                logits, _ = model(x, doc_ids=doc_ids)
             if i >= data.eval_iters:
                 continue
+            # Positions without a target (-100: prompts, padding) count neither nats nor bytes.
             nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
-            nbytes = data.token_bytes[y.flatten()]
-            sums += torch.stack([nats.sum(), nats.new_tensor(nats.numel()), (nats * (nbytes > 0)).sum(), nbytes.sum()])
+            is_target = y.flatten() != -100
+            nbytes = data.token_bytes[y.flatten().clamp(min=0)] * is_target
+            sums += torch.stack([nats.sum(), is_target.sum().double(), (nats * (nbytes > 0)).sum(), nbytes.sum()])
         all_reduce_sum(sums)
         out[f"{split}_loss"] = (sums[0] / sums[1]).item()
         out[f"{split}_bpb"] = (sums[2] / (math.log(2) * sums[3])).item()
@@ -307,15 +395,18 @@ def claim_out_dir(c: dict):
     out_dir = c["out_dir"]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"out_dir {out_dir} exists and is not a folder")
-    if c["init_from"] == "resume" and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
-        raise SystemExit(f"--init_from=resume but {os.path.join(out_dir, 'ckpt.pt')} does not exist")
+    no_checkpoint = f"--init_from=resume but {os.path.join(out_dir, 'ckpt.pt')} does not exist"
+    if c["init_from"] == "resume" and not os.path.isdir(out_dir):
+        raise SystemExit(no_checkpoint)  # before making a folder a run that cannot start would leave behind
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = lock_folder(out_dir, "train.py run")
     except OSError as e:
         raise os_error("train.py", e) from None
+    if c["init_from"] == "resume" and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise SystemExit(no_checkpoint)
     earlier = [name for name in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
-    if c["init_from"] == "scratch" and earlier:
+    if c["init_from"] != "resume" and earlier:
         if not c["overwrite"]:
             raise SystemExit(f"{out_dir} holds an earlier run ({', '.join(earlier)}): continue it with "
                              "--init_from=resume, replace it with --overwrite=True, or choose another out_dir")
@@ -372,19 +463,43 @@ def mixed_precision(c: dict, device_type: str):
     return ptdtype, autocast, scaler
 
 
-def model_config_of(c: dict, data: TokenData) -> ModelConfig:
+def model_config_of(c: dict, data: TokenData, base: dict | None) -> ModelConfig:
+    """The run's ModelConfig. Started from another run (base), the shape is that checkpoint's: a shape key set
+    here to something else is refused; the attention backend and dropout are this run's."""
+    keys = {k: c[k] for k in MODEL_KEYS}
+    if base is not None:
+        saved = asdict(ModelConfig(**base["model_config"]))
+        for key, value in keys.items():
+            if key not in ("attn_impl", "dropout") and value != DEFAULTS[key] and value != saved[key]:
+                raise SystemExit(f"{key}={value!r} here but {saved[key]!r} in {c['init_from']}, whose shape this "
+                                 "run keeps: leave the model's keys out of a fine-tuning config")
+        keys = {**{k: saved[k] for k in MODEL_KEYS}, "attn_impl": c["attn_impl"], "dropout": c["dropout"]}
     try:
-        return ModelConfig(vocab_size=data.vocab_size, **{k: c[k] for k in MODEL_KEYS})
+        return ModelConfig(vocab_size=data.vocab_size, **keys)
     except ValueError as e:
         raise SystemExit(f"model config: {e}") from None
 
 
-def build(c: dict, data: TokenData, model_config: ModelConfig, rank: int, device_type: str):
-    """The model, its engine and the run's progress (step, best val loss, identity), fresh or resumed."""
+def read_base_checkpoint(c: dict, meta: dict, device: str) -> dict | None:
+    """init_from=<another run's out_dir>: its ckpt.pt, after checking that the data was tokenized with its
+    tokenizer (fine-tuning data made with another tokenizer would be other words to the model)."""
+    if c["init_from"] in ("scratch", "resume"):
+        return None
+    path = os.path.join(c["init_from"], "ckpt.pt")
+    base = load_checkpoint(path, device)
+    if base.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
+        raise SystemExit(f"{c['data_dir']} was tokenized with another tokenizer than {path} was trained with: "
+                         f"prepare it with --tokenizer {os.path.join(c['init_from'], 'tokenizer.model')}")
+    return base
+
+
+def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None, rank: int, device_type: str):
+    """The model, its engine and the run's progress (step, best val loss, identity): fresh, resumed, or (base)
+    started from another run's weights."""
     checkpoint = read_resume_checkpoint(c, model_config, data.meta, data.device) if c["init_from"] == "resume" else None
     model = Transformer(model_config).to(data.device)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    if checkpoint is not None or base is not None:
+        model.load_state_dict((checkpoint or base)["model"])
     broadcast_parameters(model)
     # The engine owns gradients, their communication and AdamW (with weight decay on matrices only, the
     # model's param_groups). The fused kernel does the whole update in one launch on the GPU.
@@ -426,9 +541,11 @@ def main(argv: list[str]) -> None:
     # ---- data, out_dir, model, optimizer ------------------------------------------------------
     data = TokenData(c, rank, world_size, device)
     check_same_on_all_ranks(data.identity, "data")
-    model_config = model_config_of(c, data)
+    base = read_base_checkpoint(c, data.meta, device)
+    model_config = model_config_of(c, data, base)
     lock = on_rank0(lambda: claim_out_dir(c))  # noqa: F841 (held until the process ends)
-    model, engine, progress = build(c, data, model_config, rank, device_type)
+    model, engine, progress = build(c, data, model_config, base, rank, device_type)
+    base = None  # free the loaded copy
     if progress["iter_num"] > 0:
         on_rank0(lambda: trim_metrics(c["out_dir"], progress["iter_num"]))
     train_model = torch.compile(model) if c["compile"] else model
@@ -442,6 +559,10 @@ def main(argv: list[str]) -> None:
         print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {model_config.vocab_size}, "
               f"{world_size} process(es) on {device} in {str(ptdtype).removeprefix('torch.')}, "
               f"{tokens_per_iter:,} tokens per step")
+        for split, pack in (data.packs or {}).items():
+            print(f"{split}: {len(pack.lengths):,} conversations packed into {len(pack.windows):,} windows of "
+                  f"{pack.capacity} tokens, {pack.real:.1%} of them real; {pack.truncated} longer than a window, "
+                  "truncated")
         with atomic_write(os.path.join(c["out_dir"], "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         # The checkpoint folder carries its own tokenizer, so sample.py needs nothing else.
@@ -451,7 +572,7 @@ def main(argv: list[str]) -> None:
     iter_num = start_iter = progress["iter_num"]
     t_start = time.time()
     bar = tqdm(total=c["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
-    x, y = data.train_batch(iter_num, 0)
+    x, y, doc_ids = data.train_batch(iter_num, 0)
     while True:
         lr = get_lr(iter_num, config)
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
@@ -474,15 +595,23 @@ def main(argv: list[str]) -> None:
         for micro_step in range(accum_steps):
             engine.set_sync(micro_step == accum_steps - 1)  # decided before the forward, as DDP's no_sync
             with autocast:
-                _, loss = train_model(x, y)
+                _, loss = train_model(x, y, doc_ids=doc_ids)
+            if data.packs is None:
+                # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro
+                # batches makes the accumulated gradient the mean over the whole global batch.
+                loss_sum += loss.detach()
+                loss = loss / accum_steps
+            else:
+                # A mean over this micro-batch's targets, reweighted to its share of all the global batch's
+                # targets (times world_size, which the engine's average divides out): the step minimises the mean
+                # over every target, however the targets fall among micro-batches and ranks.
+                loss = loss * ((y != -100).sum() * world_size / max(1, data.train_targets(iter_num)))
+                loss_sum += loss.detach()
             # Read the next micro-batch while this one is still computing, as nanoGPT does: on CUDA the forward
             # was only queued, so the host's read and the pinned copy overlap the GPU's work.
             last = micro_step == accum_steps - 1
-            x, y = data.train_batch(iter_num + last, 0 if last else micro_step + 1)
-            # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro
-            # batches makes the accumulated gradient the mean over the whole global batch.
-            engine.backward(scaler.scale(loss / accum_steps))
-            loss_sum += loss.detach()
+            x, y, doc_ids = data.train_batch(iter_num + last, 0 if last else micro_step + 1)
+            engine.backward(scaler.scale(loss))
         # Averaged over the ranks, clipped on the global norm (still computed with clipping off, for the log).
         grad_norm = engine.step(lr, c["grad_clip"], scaler)
         comm = engine.comm_stats()
@@ -495,7 +624,8 @@ def main(argv: list[str]) -> None:
         bar.update(1)
 
         if iter_num % c["log_interval"] == 0:
-            loss = all_reduce_sum(loss_sum / accum_steps).item() / world_size
+            # The mean over the global batch: over its tokens, or (packed) over its targets.
+            loss = all_reduce_sum(loss_sum / accum_steps if data.packs is None else loss_sum).item() / world_size
             dt = time.time() - t0  # .item() above waited for the device, so this is the real step time
             tokens_per_s = tokens_per_iter / dt
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None

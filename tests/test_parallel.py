@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import load_model
-from test_train import ROOT, TINY, assert_same_weights, run, step_losses, weights
+from test_train import SFT, ROOT, TINY, assert_same_weights, chat_data, run, step_losses, weights  # noqa: F401
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone")
 MLA_MOE = ["--attn=mla", "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=4", "--v_head_dim=8",
@@ -184,6 +184,16 @@ def test_evaluation_is_the_same_for_any_world_size(tmp_path, prepared_data):
         one, two = json.loads(f.readline()), json.loads(g.readline())
     for key in ("train_loss", "val_loss", "train_bpb", "val_bpb"):
         assert two[key] == pytest.approx(one[key], rel=1e-12, abs=0), key
+
+
+def test_a_fine_tuning_step_is_the_same_on_two_ranks(tmp_path, trained_ckpt, chat_data):
+    # The loss is the mean over every target of the global batch, whichever rank holds them.
+    common = [*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", "--batch_size=2",
+              "--gradient_accumulation_steps=2"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    run([*common, f"--out_dir={tmp_path}/two", "--zero_stage=2"], launcher=torchrun(2))
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), tol=1e-6)
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
 
 
 def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():

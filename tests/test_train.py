@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,3 +258,89 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, prepared_data):
     (tmp_path / "out" / "ckpt.pt").write_bytes(b"not a checkpoint")
     result = run([*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--init_from=resume"], check=False)
     assert result.returncode == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- fine-tuning: conversations packed into windows, the loss on the replies only -------------------------------
+
+@pytest.fixture(scope="module")
+def chat_data(prepared_data, tmp_path_factory):
+    """2-digit addition conversations from tasks.py, prepared with prepared_data's tokenizer (trained_ckpt's)."""
+    root = tmp_path_factory.mktemp("chat")
+    for args in (["tasks.py", "--task", "addition", "--digits", "2", "--n", "400", "--out", str(root / "add.jsonl")],
+                 ["prepare_data.py", "--chat", "--input", str(root / "add.jsonl"), "--out", str(root / "data"),
+                  "--tokenizer", os.path.join(prepared_data, "tokenizer.model"), "--no_near_dedup", "--workers", "1",
+                  "--val_fraction", "0.1"]):
+        subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=ROOT, check=True,
+                       capture_output=True)
+    return str(root / "data")
+
+
+SFT = ["--block_size=64", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3",
+       "--lr_decay_iters=8", "--min_lr=3e-4", "--eval_interval=3", "--max_iters=3"]
+
+
+def test_pack_documents_fills_windows_best_fit_and_keeps_every_document_once():
+    from train import pack_documents
+
+    lengths = np.array([30, 5, 64, 70, 12, 40, 1, 24, 33, 8])
+    windows, truncated = pack_documents(lengths, 64)
+    assert sorted(d for w in windows for d in w) == list(range(len(lengths))) and truncated == 1
+    assert all(sum(min(lengths[d], 64) for d in w) <= 64 for w in windows)
+    assert len(windows) == math.ceil(sum(np.minimum(lengths, 64)) / 64) == 5  # as few windows as the tokens need
+
+
+def test_masked_positions_get_exactly_zero_gradient():
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    idx = torch.randint(0, 64, (2, 16))
+    targets = torch.randint(0, 64, (2, 16))
+    targets[:, :9] = -100  # the prompt
+    doc_ids = torch.tensor([[0] * 10 + [1] * 6, [0] * 16])
+    logits, loss = model(idx, targets, doc_ids=doc_ids)
+    logits.retain_grad()
+    loss.backward()
+    assert torch.count_nonzero(logits.grad[:, :9]) == 0 and torch.count_nonzero(logits.grad[:, 9:]) > 0
+    # And the loss does not depend on what the masked targets were.
+    other = targets.clone()
+    other[:, :9] = torch.randint(0, 64, (2, 9)).masked_fill(torch.ones(2, 9, dtype=torch.bool), -100)
+    assert model(idx, other, doc_ids=doc_ids)[1] == loss
+
+
+def test_fine_tuning_starts_from_a_run_and_accumulation_does_not_change_its_step(tmp_path, trained_ckpt, chat_data):
+    common = [*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}"]
+    one = run([*common, f"--out_dir={tmp_path}/big", "--batch_size=4"])
+    run([*common, f"--out_dir={tmp_path}/accum", "--batch_size=2", "--gradient_accumulation_steps=2"])
+    # The mean over every target of the global batch, however the targets fall into micro-batches.
+    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accum"), tol=1e-6)
+    assert step_losses(tmp_path / "big") == pytest.approx(step_losses(tmp_path / "accum"), abs=1e-6)
+    assert "conversations packed into" in one.stdout and "of them real" in one.stdout
+    # It starts from the base run's weights: a step too small to move them leaves exactly those (up to 1e-9).
+    run([*common, f"--out_dir={tmp_path}/still", "--max_iters=1", "--learning_rate=1e-12", "--min_lr=0"])
+    assert_same_weights(weights(tmp_path / "still"), weights(trained_ckpt), tol=1e-9)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init_from=nowhere"], "holds no ckpt.pt"),
+    (["--n_layer=5"], "n_layer=5 here but 2 in"),
+])
+def test_fine_tuning_refuses_what_does_not_fit_its_base(tmp_path, trained_ckpt, chat_data, args, message):
+    result = run([*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", f"--out_dir={tmp_path}/out", *args],
+                 check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    result = run([*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", f"--out_dir={trained_ckpt}"],
+                 check=False)
+    assert result.returncode == 1 and "init_from names out_dir itself" in result.stderr
+
+
+def test_fine_tuning_data_of_another_tokenizer_is_refused(tmp_path, trained_ckpt):
+    other = tmp_path / "other.txt"
+    other.write_text(open(os.path.join(ROOT, "README.md")).read())
+    subprocess.run([sys.executable, os.path.join(ROOT, "tasks.py"), "--task", "reverse", "--n", "200", "--out",
+                    str(tmp_path / "r.jsonl")], check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--chat", "--input", str(tmp_path / "r.jsonl"),
+                    "--out", str(tmp_path / "data"), "--vocab_size", "300", "--workers", "1"], check=True,
+                   capture_output=True)
+    result = run([*SFT, f"--data_dir={tmp_path}/data", f"--init_from={trained_ckpt}", f"--out_dir={tmp_path}/out"],
+                 check=False)
+    assert result.returncode == 1 and "tokenized with another tokenizer" in result.stderr
