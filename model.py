@@ -334,18 +334,22 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
     """q (B, n_head, T, d_qk) attends over k (B, n_kv_head, S, d_qk), v (B, n_kv_head, S, d_v) -> (B, n_head, T, d_v).
 
     mask: make_attention_mask(), or None when no key is padding and the queries are either all S positions (plain
-    causal attention) or a single new one (it sees every key).
+    causal attention) or a single new one (it sees every key); for packed windows (allowed, has_key, doc_ids),
+    which the flash kernel reads as doc_ids alone.
     scale: of the scores; None = 1/sqrt(d_qk), which keeps them at unit variance so the softmax does not saturate
     (Vaswani et al. 2017).
     """
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     if impl == "flash":
-        # Our kernel computes plain causal self-attention, the training case. Padding masks, a KV cache (keys
-        # beyond the queries), attention dropout and head dims past 256 (MLA's absorbed latent) go to sdpa.
-        if mask is None and q.size(2) == k.size(2) and dropout_p == 0.0 and max(q.size(-1), v.size(-1)) <= 256:
+        # Our kernel computes causal self-attention, the training case, over whole rows or packed documents.
+        # Padding masks, a KV cache (keys beyond the queries), attention dropout and head dims past 256 (MLA's
+        # absorbed latent) go to sdpa.
+        doc_ids = mask[2] if mask is not None and len(mask) == 3 else None
+        if (mask is None or doc_ids is not None) and q.size(2) == k.size(2) and dropout_p == 0.0 \
+                and max(q.size(-1), v.size(-1)) <= 256:
             from kernels import flash_attention
 
-            return flash_attention(q, k, v, causal=True, softmax_scale=scale)
+            return flash_attention(q, k, v, causal=True, softmax_scale=scale, doc_ids=doc_ids)
         impl = "sdpa"
     if mask is None and impl == "sdpa":
         # No mask tensor at all: lets PyTorch pick its fastest kernel. (is_causal aligns the first query with the
@@ -354,7 +358,7 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
                                               enable_gqa=True)
     if mask is None:
         mask = make_attention_mask(torch.ones(q.size(0), k.size(2), dtype=torch.bool, device=q.device), q.size(2))
-    allowed, has_key = mask
+    allowed, has_key = mask[:2]
     if impl == "sdpa":
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=True)
     else:
@@ -770,7 +774,7 @@ class Transformer(nn.Module):
         starts = torch.ones_like(doc_ids, dtype=torch.bool)
         starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
         positions = steps - torch.where(starts, steps, 0).cummax(dim=1).values  # (B, T): steps since the start
-        mask = make_attention_mask(torch.ones_like(doc_ids, dtype=torch.bool), T, doc_ids)
+        mask = (*make_attention_mask(torch.ones_like(doc_ids, dtype=torch.bool), T, doc_ids), doc_ids)
         logits, _ = self.logits_and_loss(idx, None, positions, mask, None)
         if targets is None:
             return logits, None
