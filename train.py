@@ -520,6 +520,20 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
                            "run_id": run_id}
 
 
+def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> None:
+    """Rank 0, before the first step: the run's settings and size on stdout, its config.json and the tokenizer in
+    out_dir (an out_dir then carries all that sample.py needs)."""
+    print(json.dumps(config, indent=1))
+    active = f" ({model.num_params(active=True) / 1e6:.2f}M active)" if model.moe_layers() else ""
+    print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {data.vocab_size}, {setup}")
+    for split, pack in (data.packs or {}).items():
+        print(f"{split}: {len(pack.lengths):,} conversations packed into {len(pack.windows):,} windows of "
+              f"{pack.capacity} tokens, {pack.real:.1%} of them real; {pack.truncated} longer than a window, truncated")
+    with atomic_write(os.path.join(config["out_dir"], "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    copy_file(data.tokenizer_path, os.path.join(config["out_dir"], "tokenizer.model"))
+
+
 def main(argv: list[str]) -> None:
     config = load_config(DEFAULTS, argv)
     c = config  # short alias for the loop below
@@ -554,19 +568,8 @@ def main(argv: list[str]) -> None:
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     comm_theory = engine.theory_bytes(accum_steps)
     if master:
-        print(json.dumps(config, indent=1))
-        active = f" ({model.num_params(active=True) / 1e6:.2f}M active)" if moe else ""
-        print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {model_config.vocab_size}, "
-              f"{world_size} process(es) on {device} in {str(ptdtype).removeprefix('torch.')}, "
-              f"{tokens_per_iter:,} tokens per step")
-        for split, pack in (data.packs or {}).items():
-            print(f"{split}: {len(pack.lengths):,} conversations packed into {len(pack.windows):,} windows of "
-                  f"{pack.capacity} tokens, {pack.real:.1%} of them real; {pack.truncated} longer than a window, "
-                  "truncated")
-        with atomic_write(os.path.join(c["out_dir"], "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        # The checkpoint folder carries its own tokenizer, so sample.py needs nothing else.
-        copy_file(data.tokenizer_path, os.path.join(c["out_dir"], "tokenizer.model"))
+        announce(config, model, data, f"{world_size} process(es) on {device} in {str(ptdtype).removeprefix('torch.')}, "
+                                      f"{tokens_per_iter:,} tokens per step")
 
     # ---- the loop -----------------------------------------------------------------------------
     iter_num = start_iter = progress["iter_num"]
