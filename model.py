@@ -793,8 +793,7 @@ class Transformer(nn.Module):
         if targets is not None:
             # float32 log-softmax: bf16 logits would round the loss; -100 marks positions without a target.
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            if self.training and self.config.balance_loss_coef > 0:
-                loss = loss + self.balance_penalty()
+            loss = loss + self.balance_penalty()
         return logits, loss
 
     def balance_penalty(self):
