@@ -16,6 +16,7 @@ batch drawn for step `it` depends only on (seed, it), which makes a resumed run 
 """
 
 import bisect
+import gc
 import hashlib
 import json
 import math
@@ -651,4 +652,8 @@ if __name__ == "__main__":
     except OSError as e:  # a full disk, a read-only out_dir: one sentence (the last checkpoint stays as it was)
         raise os_error("train.py", e) from None
     finally:
+        # FSDP2's hooks hold its parameter groups (tensors, communication handles) in reference cycles that only the
+        # garbage collector frees. Left to the interpreter's exit, they can reach gloo's threads after Python began
+        # shutting down, and a finished run aborts ("terminate called without an active exception"): free them now.
+        gc.collect()
         destroy(wait_for_others=False)  # after an error too: a process group left alive can abort the exit
