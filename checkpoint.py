@@ -4,10 +4,11 @@ checkpoint.py: the files a training run leaves in its out_dir, and reading them 
     model, tokenizer = load_model("out/cpu_demo", "cpu")     # sample.py, export_hf.py, evaluation
     checkpoint = load_checkpoint("out/cpu_demo/ckpt.pt", "cpu")
 
-An out_dir holds ckpt.pt (the whole model, its ModelConfig, the step, the run's config, every rank's RNG state,
-the names of the optimizer shards written with it), one optimizer.<iter>.<rank>-of-<N>.pt per rank (that rank's
-AdamW moments, as pieces of the flattened parameters: parallel.py), and the tokenizer.model the data was made
-with, so an out_dir is all that sampling or exporting needs.
+An out_dir holds ckpt.pt (the whole model, or a LoRA run's adapters and the name and sha256 of the base they adapt;
+its ModelConfig, the step, the run's config, every rank's RNG state, the names of the optimizer shards written
+with it), one optimizer.<iter>.<rank>-of-<N>.pt per rank (that rank's AdamW moments, as pieces of the flattened
+parameters: parallel.py), and the tokenizer.model the data was made with, so an out_dir is all that sampling or
+exporting needs (a LoRA run's, with its base in place).
 
 The one idea: a checkpoint is data, never code. Every file is read with weights_only=True, so unpickling a
 file can build tensors, numbers, strings, lists and dicts but never call a function: a checkpoint downloaded
@@ -23,6 +24,7 @@ import pickle
 import torch
 
 from files import atomic_write
+from lora import add_lora, load_adapters, merge_lora
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -90,8 +92,30 @@ def sha256_of(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def check_base(record: dict, what: str) -> str:
+    """The path of the base checkpoint a fine-tuning run names ({"out_dir", "sha256"}), after checking that it
+    is still the file the run started from: adapters trained on other weights would adapt the wrong model."""
+    path = os.path.join(record["out_dir"], "ckpt.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what} was trained on the base {path}, which is missing (put the base run back there)")
+    if sha256_of(path) != record["sha256"]:
+        raise SystemExit(f"{path} is not the base {what} was trained on (its sha256 differs: that run has changed "
+                         "since); put that base back or fine-tune again")
+    return path
+
+
+def adapted_model(model: Transformer, checkpoint: dict, ckpt_path: str, device: str) -> Transformer:
+    """A LoRA checkpoint's model: its base's weights, the adapters on them, merged into plain matrices."""
+    base_path = check_base(checkpoint["base"], ckpt_path)
+    model.load_state_dict(load_checkpoint(base_path, device)["model"])
+    add_lora(model, **checkpoint["lora"])
+    load_adapters(model, checkpoint["model"])
+    return merge_lora(model)
+
+
 def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
-    """The model (in eval mode) and tokenizer of a train.py out_dir (ckpt.pt and tokenizer.model)."""
+    """The model (in eval mode) and tokenizer of a train.py out_dir (ckpt.pt and tokenizer.model). A LoRA run's
+    adapters come merged into its base's weights: every reader sees a plain model."""
     ckpt_path, tokenizer_path = os.path.join(ckpt_dir, "ckpt.pt"), os.path.join(ckpt_dir, "tokenizer.model")
     for path in (ckpt_path, tokenizer_path):
         if not os.path.isfile(path):
@@ -99,7 +123,10 @@ def load_model(ckpt_dir: str, device: str) -> tuple[Transformer, Tokenizer]:
     checkpoint = load_checkpoint(ckpt_path, device)
     try:
         model = Transformer(ModelConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
+        if checkpoint.get("lora"):
+            model = adapted_model(model, checkpoint, ckpt_path, device)
+        else:
+            model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"{ckpt_path} is not a checkpoint of this model code ({type(e).__name__}: {str(e).splitlines()[0]})")
     tokenizer_sha256 = sha256_of(tokenizer_path)

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora import LoRALinear
+
 # rope_scaling types: (required keys, optional keys), spelled as Hugging Face's config.json spells them. One addition:
 # "dynamic" names its original_max_position_embeddings here, where Hugging Face takes max_position_embeddings.
 ROPE_SCALING_KEYS = {
@@ -452,7 +454,9 @@ class MLA(nn.Module):
         else:  # absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, and W_UV commutes with the weighted sum over c
             kv = torch.cat((latent[:, None], k_rope), dim=-1)  # (B, 1, T, kv_lora_rank + rope_dim): all a token caches
             (kv,) = kv_cache.update(self.layer_id, kv)  # (B, 1, S, kv_lora_rank + rope_dim)
-            w_kv = self.wkv_b.weight.view(self.n_head, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+            # An unmerged LoRA adapter on wkv_b changes the matrix folded here: fold W + (alpha / r) B A.
+            w_kv = self.wkv_b.merged_weight() if isinstance(self.wkv_b, LoRALinear) else self.wkv_b.weight
+            w_kv = w_kv.view(self.n_head, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # (n_head, nope, rank), (n_head, v, rank)
             q_latent = q_nope @ w_uk  # (B, n_head, T, nope) @ (n_head, nope, rank) -> (B, n_head, T, rank)
             y = self.latent_attention(q_latent, q_rope, kv, mask, dropout)  # (B, n_head, T, kv_lora_rank)

@@ -672,6 +672,8 @@ class FSDP2:
         """As Engine.owned_pieces. FSDP2 gives rank r the rows of torch.chunk(p, world)[r], that is
         ceil(rows / world) rows from row r * ceil(rows / world): one piece per parameter, at offset 0."""
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:  # frozen (LoRA's base): no AdamW state
+                continue
             rows = p.shape[0]
             per_row, chunk = p.numel() // rows, -(-rows // self.world)
             first, last = min(self.rank * chunk, rows), min((self.rank + 1) * chunk, rows)

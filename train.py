@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (load_checkpoint, load_optimizer_shards, remove_other_shards, save_checkpoint,
-                        shard_names)
+from checkpoint import (check_base, load_checkpoint, load_optimizer_shards, remove_other_shards, save_checkpoint,
+                        sha256_of, shard_names)
 from configurator import load_config, peak_flops, resolve_device, resolve_dtype
 from files import atomic_write, copy_file, lock_folder, os_error
+from lora import adapter_state_dict, add_lora, load_adapters
 from model import ModelConfig, Transformer
 from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
                       check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, on_rank0,
@@ -78,6 +79,11 @@ dist_timeout_s = 600.0  # a collective waiting longer than this fails instead of
 zero_stage = 0  # 0 DDP, 1 shard optimizer state, 2 + gradients, 3 + parameters (parallel.py)
 parallel = "handwritten"  # or "fsdp2": PyTorch's fully_shard (needs torchrun)
 bucket_mb = 25.0  # gradient bucket size of stages 0-2: big enough to amortise each collective's latency
+# LoRA (lora.py): lora_rank > 0 trains low-rank adapters on a frozen copy of the init_from run's weights
+lora_rank = 0  # 0: fine-tune (or pretrain) every weight
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # on the adapters' input
+lora_targets = "all-linear"  # or comma-separated projection names: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), ...
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
 DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
@@ -87,8 +93,8 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 
 # Every numeric training key has a valid range, checked before any work (the model's keys: ModelConfig).
 POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
-            "learning_rate", "dist_timeout_s", "bucket_mb")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")
+            "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank")
 
 
 def check_config(c: dict, world_size: int) -> None:
@@ -130,6 +136,10 @@ def check_config(c: dict, world_size: int) -> None:
         raise SystemExit("zero_stage is for parallel='handwritten'; fsdp2 always shards as stage 3 does")
     if c["parallel"] == "fsdp2" and world_size == 1:
         raise SystemExit("parallel='fsdp2' needs a process group: launch with torchrun (even --nproc_per_node=1)")
+    if not 0 <= c["lora_dropout"] < 1:
+        raise SystemExit(f"lora_dropout must be in [0, 1), got {c['lora_dropout']}")
+    if c["lora_rank"] and c["init_from"] == "scratch":
+        raise SystemExit("lora_rank > 0 adapts a trained model: set init_from to the out_dir of the run to adapt")
     if c["compile"] and c["zero_stage"] == 3:
         raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
 
@@ -354,6 +364,9 @@ def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, devic
     checkpoint = load_checkpoint(ckpt_path, device)  # claim_out_dir checked that it exists
     if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
         raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
+    if checkpoint.get("lora") != lora_settings(c):
+        raise SystemExit(f"resume: the LoRA settings here ({lora_settings(c)}) are not those of {ckpt_path} "
+                         f"({checkpoint.get('lora')}): pass the config file the run started with")
     saved = asdict(ModelConfig(**checkpoint["model_config"]))  # a field added since then has its default
     for key, value in asdict(model_config).items():
         # The attention backend computes the same function with the same weights: it may change.
@@ -361,6 +374,13 @@ def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, devic
             raise SystemExit(f"resume: {key}={value!r} here but {saved[key]!r} in {ckpt_path}; "
                              "the model must keep its shape (pass the config file the run started with)")
     return checkpoint
+
+
+def lora_settings(c: dict) -> dict | None:
+    """The run's LoRA settings as lora.add_lora takes them (and a LoRA checkpoint stores them); None without."""
+    if not c["lora_rank"]:
+        return None
+    return {"rank": c["lora_rank"], "alpha": c["lora_alpha"], "dropout": c["lora_dropout"], "targets": c["lora_targets"]}
 
 
 def restore_rng(checkpoint: dict, rank: int, device_type: str) -> None:
@@ -374,7 +394,8 @@ def restore_rng(checkpoint: dict, rank: int, device_type: str) -> None:
 def save(c: dict, engine, model_config: ModelConfig, data: TokenData, progress: dict) -> None:
     """Each rank writes its optimizer shard first; once every shard is complete, rank 0 writes ckpt.pt naming
     them, then removes older shards. A kill at any point leaves a ckpt.pt whose shards exist. progress: iter_num,
-    best_val_loss and run_id, the run's identity that ckpt.pt and every shard carry."""
+    best_val_loss, run_id (the run's identity that ckpt.pt and every shard carry) and base (the run it started
+    from). A LoRA run's ckpt.pt holds only the adapters; the base's weights stay in the base's own out_dir."""
     full_model = engine.model_state_dict()  # every rank takes part: stage 3 gathers
     names = shard_names(progress["iter_num"], data.world_size)
     shard = {**optimizer_state_shard(engine), "run_id": progress["run_id"], "iter_num": progress["iter_num"]}
@@ -383,9 +404,10 @@ def save(c: dict, engine, model_config: ModelConfig, data: TokenData, progress: 
     on_gpu = data.device.startswith("cuda")
     rng = all_gather_objects({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if on_gpu else None})
     if data.rank == 0:
+        lora = lora_settings(c)
         save_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"), {
-            "model": full_model, "optimizer_shards": names, "zero_stage": c["zero_stage"],
-            "parallel": c["parallel"], "world_size": data.world_size, "model_config": asdict(model_config),
+            "model": adapter_state_dict(full_model) if lora else full_model, "lora": lora, "optimizer_shards": names,
+            "zero_stage": c["zero_stage"], "parallel": c["parallel"], "world_size": data.world_size, "model_config": asdict(model_config),
             "config": c, **progress, "tokenizer_sha256": data.meta["tokenizer_sha256"], "rng": rng})
         remove_other_shards(c["out_dir"], names)
 
@@ -464,33 +486,52 @@ def mixed_precision(c: dict, device_type: str):
     return ptdtype, autocast, scaler
 
 
-def model_config_of(c: dict, data: TokenData, base: dict | None) -> ModelConfig:
-    """The run's ModelConfig. Started from another run (base), the shape is that checkpoint's: a shape key set
-    here to something else is refused; the attention backend and dropout are this run's."""
-    keys = {k: c[k] for k in MODEL_KEYS}
-    if base is not None:
-        saved = asdict(ModelConfig(**base["model_config"]))
-        for key, value in keys.items():
-            if key not in ("attn_impl", "dropout") and value != DEFAULTS[key] and value != saved[key]:
-                raise SystemExit(f"{key}={value!r} here but {saved[key]!r} in {c['init_from']}, whose shape this "
-                                 "run keeps: leave the model's keys out of a fine-tuning config")
-        keys = {**{k: saved[k] for k in MODEL_KEYS}, "attn_impl": c["attn_impl"], "dropout": c["dropout"]}
+def take_base_shape(c: dict, base: dict) -> None:
+    """A run started from another (base) keeps that checkpoint's shape, block_size (so its windows) included:
+    every model key takes the base's value in c, and one set here to something else is refused. The attention
+    backend and dropout are this run's."""
+    saved = asdict(ModelConfig(**base["model_config"]))  # a field added since then has its default
+    for key in MODEL_KEYS:
+        if key in ("attn_impl", "dropout"):
+            continue
+        if c[key] != DEFAULTS[key] and c[key] != saved[key]:
+            raise SystemExit(f"{key}={c[key]!r} here but {saved[key]!r} in {base['record']['out_dir']}, whose shape "
+                             "this run keeps: leave the model's keys out of a fine-tuning config")
+        c[key] = saved[key]
+
+
+def model_config_of(c: dict, data: TokenData) -> ModelConfig:
     try:
-        return ModelConfig(vocab_size=data.vocab_size, **keys)
+        return ModelConfig(vocab_size=data.vocab_size, **{k: c[k] for k in MODEL_KEYS})
     except ValueError as e:
         raise SystemExit(f"model config: {e}") from None
 
 
-def read_base_checkpoint(c: dict, meta: dict, device: str) -> dict | None:
-    """init_from=<another run's out_dir>: its ckpt.pt, after checking that the data was tokenized with its
-    tokenizer (fine-tuning data made with another tokenizer would be other words to the model)."""
-    if c["init_from"] in ("scratch", "resume"):
-        return None
-    path = os.path.join(c["init_from"], "ckpt.pt")
+def read_base_checkpoint(c: dict, device: str) -> dict | None:
+    """The checkpoint a fine-tuning run starts from: init_from=<another run's out_dir>, or on resume the base
+    that the run's own ckpt.pt names (a fine-tuning run keeps its base's shape, and a LoRA run's weights are
+    its base's). Checked: the data was tokenized with its tokenizer (else the data would be other words to the
+    model), it is a whole model, and on resume it is still the file the run started from (by sha256).
+    base["record"], {out_dir, sha256}, goes into every checkpoint of the run."""
+    resumed = os.path.join(c["out_dir"], "ckpt.pt")
+    if c["init_from"] == "scratch" or (c["init_from"] == "resume" and not os.path.isfile(resumed)):
+        return None  # (a missing ckpt.pt to resume from is claim_out_dir's sentence)
+    if c["init_from"] == "resume":
+        record = load_checkpoint(resumed, device, mmap=True).get("base")
+        if record is None:
+            return None
+        path = check_base(record, resumed)
+    else:
+        path = os.path.join(c["init_from"], "ckpt.pt")
+    sha256 = sha256_of(path)
     base = load_checkpoint(path, device)
-    if base.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
+    if base.get("tokenizer_sha256") != read_meta(c["data_dir"])[0]["tokenizer_sha256"]:
         raise SystemExit(f"{c['data_dir']} was tokenized with another tokenizer than {path} was trained with: "
-                         f"prepare it with --tokenizer {os.path.join(c['init_from'], 'tokenizer.model')}")
+                         f"prepare it with --tokenizer {os.path.join(os.path.dirname(path), 'tokenizer.model')}")
+    if base.get("lora"):
+        raise SystemExit(f"{path} holds LoRA adapters, not a whole model: start from its base run, or from a "
+                         "checkpoint with the adapters merged")
+    base["record"] = {"out_dir": os.path.abspath(os.path.dirname(path)), "sha256": sha256}
     return base
 
 
@@ -499,8 +540,17 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
     started from another run's weights."""
     checkpoint = read_resume_checkpoint(c, model_config, data.meta, data.device) if c["init_from"] == "resume" else None
     model = Transformer(model_config).to(data.device)
-    if checkpoint is not None or base is not None:
-        model.load_state_dict((checkpoint or base)["model"])
+    if base is not None:
+        model.load_state_dict(base["model"])
+    if c["lora_rank"]:  # frozen base, trainable adapters: only they reach param_groups, the engine and AdamW
+        try:
+            add_lora(model, **lora_settings(c))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if checkpoint is not None and c["lora_rank"]:
+        load_adapters(model, checkpoint["model"])  # the settings were checked equal: the same adapters
+    elif checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
     broadcast_parameters(model)
     # The engine owns gradients, their communication and AdamW (with weight decay on matrices only, the
     # model's param_groups). The fused kernel does the whole update in one launch on the GPU.
@@ -513,12 +563,12 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
     if checkpoint is None:
         # A new run gets a new identity (rank 0's: every rank must save the same one).
         return model, engine, {"iter_num": 0, "best_val_loss": float("inf"),
-                               "run_id": all_gather_objects(uuid.uuid4().hex)[0]}
+                               "run_id": all_gather_objects(uuid.uuid4().hex)[0], "base": base and base["record"]}
     load_optimizer_state(engine, load_optimizer_shards(c["out_dir"], checkpoint, os.path.join(c["out_dir"], "ckpt.pt")))
     restore_rng(checkpoint, rank, device_type)
     run_id = checkpoint.get("run_id") or all_gather_objects(uuid.uuid4().hex)[0]  # older checkpoints had none
     return model, engine, {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"],
-                           "run_id": run_id}
+                           "run_id": run_id, "base": base and base["record"]}
 
 
 def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> None:
@@ -527,6 +577,9 @@ def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> N
     print(json.dumps(config, indent=1))
     active = f" ({model.num_params(active=True) / 1e6:.2f}M active)" if model.moe_layers() else ""
     print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {data.vocab_size}, {setup}")
+    if config["lora_rank"]:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA: {trained:,} adapter parameters trained, the base's {model.num_params(False) - trained:,} frozen")
     for split, pack in (data.packs or {}).items():
         print(f"{split}: {len(pack.lengths):,} conversations packed into {len(pack.windows):,} windows of "
               f"{pack.capacity} tokens, {pack.real:.1%} of them real; {pack.truncated} longer than a window, truncated")
@@ -554,10 +607,12 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(c["seed"] + rank)
 
     # ---- data, out_dir, model, optimizer ------------------------------------------------------
+    base = read_base_checkpoint(c, device)
+    if base is not None:
+        take_base_shape(c, base)
     data = TokenData(c, rank, world_size, device)
     check_same_on_all_ranks(data.identity, "data")
-    base = read_base_checkpoint(c, data.meta, device)
-    model_config = model_config_of(c, data, base)
+    model_config = model_config_of(c, data)
     lock = on_rank0(lambda: claim_out_dir(c))  # noqa: F841 (held until the process ends)
     model, engine, progress = build(c, data, model_config, base, rank, device_type)
     base = None  # free the loaded copy

@@ -130,6 +130,25 @@ def test_cli_exports_a_trained_checkpoint_with_its_tokenizer(trained_ckpt, tmp_p
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
 
 
+def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
+    # Two LoRA steps on the base's own data, then the export: a plain transformers model computing the merged one.
+    train = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={prepared_data}",
+                            f"--init_from={trained_ckpt}", f"--out_dir={tmp_path}/lora", "--lora_rank=4",
+                            "--learning_rate=1e-2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                            "--batch_size=2", "--warmup_iters=0"], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert train.returncode == 0, train.stderr[-2000:]
+    result = export_cli("--ckpt", str(tmp_path / "lora"), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    merged, tokenizer = load_model(str(tmp_path / "lora"), "cpu")
+    base, _ = load_model(trained_ckpt, "cpu")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.tensor([tokenizer.encode("def add(a, b):\n    return a + b\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, merged(idx)[0], rtol=0, atol=1e-4)
+        assert (merged(idx)[0] - base(idx)[0]).abs().max() > 1e-3  # the adapters are in it
+
+
 def test_cli_refuses_what_no_transformers_class_represents(trained_ckpt, tmp_path):
     # DeepSeek-V2's softmax router with V3's group routing: no transformers class computes it.
     vocab = load_model(trained_ckpt, "cpu")[0].config.vocab_size

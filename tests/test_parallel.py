@@ -196,6 +196,20 @@ def test_a_fine_tuning_step_is_the_same_on_two_ranks(tmp_path, trained_ckpt, cha
     assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
 
 
+def test_lora_on_two_ranks_matches_one_process_and_keeps_the_base_out_of_the_engine(tmp_path, trained_ckpt, chat_data):
+    # Only the adapters are bucketed, reduced, sharded and stepped; the frozen base stays whole on every rank.
+    common = [*SFT, "--lora_rank=4", "--lora_alpha=8.0", "--learning_rate=1e-2", f"--data_dir={chat_data}",
+              f"--init_from={trained_ckpt}", "--batch_size=2", "--gradient_accumulation_steps=2"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    for name, args in [("zero2", ["--zero_stage=2"]), ("zero3", ["--zero_stage=3"]), ("fsdp2", ["--parallel=fsdp2"])]:
+        run([*common, f"--out_dir={tmp_path}/{name}", *args], launcher=torchrun(2))
+        assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / name), tol=1e-6)
+        assert step_losses(tmp_path / name) == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
+    shards = [torch.load(tmp_path / "zero2" / f"optimizer.3.{r}-of-2.pt", weights_only=True) for r in (0, 1)]
+    names = {name for shard in shards for name in shard["pieces"]}
+    assert names == set(weights(tmp_path / "one")), "AdamW state for exactly the adapters"
+
+
 def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     result = subprocess.run([*torchrun(3), os.path.abspath(__file__)], cwd=ROOT, env=env,

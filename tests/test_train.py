@@ -4,6 +4,7 @@ resumed run compute what one straight run computes (several processes: tests/tes
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -331,6 +332,64 @@ def test_fine_tuning_refuses_what_does_not_fit_its_base(tmp_path, trained_ckpt, 
     result = run([*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", f"--out_dir={trained_ckpt}"],
                  check=False)
     assert result.returncode == 1 and "init_from names out_dir itself" in result.stderr
+
+
+LORA = ["--lora_rank=4", "--lora_alpha=8.0", "--learning_rate=1e-2"]
+
+
+def test_lora_saves_adapters_only_samples_merged_resumes_and_refuses_another_base(tmp_path, trained_ckpt, chat_data):
+    from checkpoint import load_model, save_checkpoint
+    from lora import add_lora, load_adapters, merge_lora
+
+    shutil.copytree(trained_ckpt, tmp_path / "base")  # a base of its own, to change below
+    common = [*SFT, *LORA, f"--data_dir={chat_data}", f"--init_from={tmp_path}/base", "--max_iters=6"]
+    result = run([*common, f"--out_dir={tmp_path}/straight"])
+    assert "adapter parameters trained" in result.stdout
+    run([*common, f"--out_dir={tmp_path}/resumed", "--max_iters=3"])
+    run([*common, f"--out_dir={tmp_path}/resumed", "--init_from=resume"])
+    assert step_losses(tmp_path / "resumed") == pytest.approx(step_losses(tmp_path / "straight"), abs=1e-6)
+    ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert ckpt["model"] and all(k.endswith((".lora_A", ".lora_B")) for k in ckpt["model"])
+    assert ckpt["base"]["out_dir"] == str(tmp_path / "base")
+    # load_model merges: the base's weights plus (alpha / r) B A, as computed here from the two files.
+    model, _ = load_model(str(tmp_path / "straight"), "cpu")
+    base, _ = load_model(str(tmp_path / "base"), "cpu")
+    add_lora(base, rank=4, alpha=8.0, dropout=0.0, targets="all-linear")
+    load_adapters(base, ckpt["model"])
+    expected = merge_lora(base).state_dict()
+    assert_same_weights(model.state_dict(), expected, tol=0)
+    assert not torch.equal(expected["layers.0.attn.wq.weight"], weights(tmp_path / "base")["layers.0.attn.wq.weight"])
+    # Other adapter settings on resume, and a base that changed since, are refused.
+    result = run([*common, f"--out_dir={tmp_path}/resumed", "--init_from=resume", "--lora_rank=8"], check=False)
+    assert result.returncode == 1 and "the LoRA settings here" in result.stderr
+    changed = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    changed["model"]["lm_head.weight"] = changed["model"]["lm_head.weight"] + 1e-3
+    save_checkpoint(str(tmp_path / "base" / "ckpt.pt"), changed)
+    result = run([*common, f"--out_dir={tmp_path}/resumed", "--init_from=resume", "--max_iters=9"], check=False)
+    assert result.returncode == 1 and "is not the base" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit, match="is not the base"):
+        load_model(str(tmp_path / "straight"), "cpu")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init_from=scratch"], "lora_rank > 0 adapts a trained model"),
+    (["--lora_targets=wq,qkv"], "no projection named qkv"),
+    (["--lora_dropout=1.0"], "lora_dropout must be in [0, 1)"),
+])
+def test_lora_settings_that_cannot_work_are_refused(tmp_path, trained_ckpt, chat_data, args, message):
+    result = run([*SFT, *LORA, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", f"--out_dir={tmp_path}/o",
+                  *args], check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_resumed_fine_tuning_run_is_the_straight_run(tmp_path, trained_ckpt, chat_data):
+    # On resume the shape comes from the base the run's checkpoint names, as it did when the run started.
+    common = [*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", "--max_iters=6"]
+    run([*common, f"--out_dir={tmp_path}/straight"])
+    run([*common, f"--out_dir={tmp_path}/resumed", "--max_iters=3"])
+    run([*common, f"--out_dir={tmp_path}/resumed", "--init_from=resume"])
+    assert step_losses(tmp_path / "resumed") == pytest.approx(step_losses(tmp_path / "straight"), abs=1e-6)
+    assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"), tol=1e-6)
 
 
 def test_fine_tuning_data_of_another_tokenizer_is_refused(tmp_path, trained_ckpt):
