@@ -22,6 +22,31 @@ from model import KVCache
 from tokenizer import EOS_ID
 
 
+class TextStream:
+    """Prints generated text as its tokens arrive. Each time, everything generated so far is decoded and what is
+    new printed: a character may span several byte-fallback tokens, and an unfinished one decodes to U+FFFD until
+    its last byte comes, so it waits (decoding token by token would print broken characters)."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids, self.printed = [], ""
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def finish(self) -> str:
+        """Prints the rest (an unfinished character as U+FFFD) and a newline; returns the whole text."""
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[len(self.printed):] + "\n")
+        self.out.flush()
+        return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out", help="out_dir of a training run (ckpt.pt + tokenizer.model)")
@@ -68,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.num_samples > 1:
             print(f"\n---------- sample {sample + 1} ----------")
         sys.stdout.write(prompt)
-        new_ids, printed = [], ""
+        stream = TextStream(tokenizer, sys.stdout)
         t0 = time.time()
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         for token in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
@@ -76,15 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             generated += 1
             if token == EOS_ID:
                 break
-            new_ids.append(token)
-            # Decode everything generated so far and print what is new: a character may span several
-            # byte-fallback tokens, and an unfinished one decodes to U+FFFD until its last byte comes.
-            text = tokenizer.decode(new_ids)
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(printed):])
-                sys.stdout.flush()
-                printed = text
-        sys.stdout.write(tokenizer.decode(new_ids)[len(printed):] + "\n")
+            stream.add(token)
+        stream.finish()
         seconds += time.time() - t0
     print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s on {device}", file=sys.stderr)
     # What each token of context costs in the KV cache, all layers: the number that caps batch x context.
