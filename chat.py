@@ -12,14 +12,13 @@ Ctrl-C during a reply stops it (what was printed stays as the assistant's turn);
 """
 
 import argparse
-import math
 import sys
 
 import torch
 
 from checkpoint import load_model
 from configurator import resolve_device
-from sample import TextStream
+from sample import TextStream, add_sampling_arguments, check_sampling_arguments
 from tokenizer import EOS_ID, IM_END_ID
 
 
@@ -28,21 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ckpt", default="out", help="out_dir of a training run (ckpt.pt + tokenizer.model)")
     parser.add_argument("--system", default="", help="system message that opens the conversation (kept by /reset)")
     parser.add_argument("--prompt", default=None, help="answer this one message, print the reply only, and exit")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto")
+    add_sampling_arguments(parser, temperature=0.7)
     args = parser.parse_args(argv)
-    if not 0 <= args.temperature < math.inf or args.max_new_tokens < 1:
-        parser.error("--temperature must be a number >= 0 and --max_new_tokens >= 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error("--top_p must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error("--top_k must be >= 1")
-    if not 0 <= args.seed < 2**63:
-        parser.error("--seed must be between 0 and 2**63 - 1")
+    check_sampling_arguments(parser, args)
     return args
 
 

@@ -22,6 +22,27 @@ from model import KVCache
 from tokenizer import EOS_ID
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+    """The options of every command that generates (this one, chat.py): length, sampling, seed, device."""
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto")
+
+
+def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.temperature < math.inf or args.max_new_tokens < 1:
+        parser.error("--temperature must be a number >= 0 and --max_new_tokens >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error("--top_p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error("--top_k must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        parser.error("--seed must be between 0 and 2**63 - 1")
+
+
 class TextStream:
     """Prints generated text as its tokens arrive. Each time, everything generated so far is decoded and what is
     new printed: a character may span several byte-fallback tokens, and an unfinished one decodes to U+FFFD until
@@ -53,21 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     parser.add_argument("--prompt_file", help="read the prompt from this file instead")
     parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto")
+    add_sampling_arguments(parser, temperature=0.8)
     args = parser.parse_args(argv)
-    if not 0 <= args.temperature < math.inf or args.num_samples < 1 or args.max_new_tokens < 1:
-        parser.error("--temperature must be a number >= 0, --num_samples and --max_new_tokens >= 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error("--top_p must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error("--top_k must be >= 1")
-    if not 0 <= args.seed < 2**63:
-        parser.error("--seed must be between 0 and 2**63 - 1")
+    check_sampling_arguments(parser, args)
+    if args.num_samples < 1:
+        parser.error("--num_samples must be >= 1")
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)

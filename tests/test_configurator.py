@@ -1,10 +1,13 @@
 """configurator.py: config files then overrides, in order; a key that does not exist or a value of another type is
 an error naming the key (the command-line side of these rules: tests/test_train.py)."""
 
+import os
+
 import pytest
 
 from configurator import load_config, read_config_file, resolve_device, resolve_dtype
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"n_layer": 8, "learning_rate": 6e-4, "device": "auto", "compile": False, "rope_scaling": {}}
 
 
@@ -54,3 +57,11 @@ def test_auto_device_is_this_ranks_gpu_or_the_cpu_and_dtype_is_checked():
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(SystemExit, match="dtype must be auto, float32, bfloat16 or float16, got 'fp8'"):
         resolve_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
+def test_every_shipped_config_file_sets_only_train_keys_of_their_types(name):
+    import train
+
+    config = load_config(train.DEFAULTS, [os.path.join(ROOT, "config", name)])
+    train.check_config({**config, "init_from": "scratch"}, world_size=1)  # (init_from names a run made first)
