@@ -407,8 +407,9 @@ def save(c: dict, engine, model_config: ModelConfig, data: TokenData, progress: 
         lora = lora_settings(c)
         save_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"), {
             "model": adapter_state_dict(full_model) if lora else full_model, "lora": lora, "optimizer_shards": names,
-            "zero_stage": c["zero_stage"], "parallel": c["parallel"], "world_size": data.world_size, "model_config": asdict(model_config),
-            "config": c, **progress, "tokenizer_sha256": data.meta["tokenizer_sha256"], "rng": rng})
+            "zero_stage": c["zero_stage"], "parallel": c["parallel"], "world_size": data.world_size,
+            "model_config": asdict(model_config), "config": c, **progress,
+            "tokenizer_sha256": data.meta["tokenizer_sha256"], "rng": rng})
         remove_other_shards(c["out_dir"], names)
 
 
