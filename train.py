@@ -521,10 +521,10 @@ def read_base_checkpoint(c: dict, device: str) -> dict | None:
         record = load_checkpoint(resumed, device, mmap=True).get("base")
         if record is None:
             return None
-        path = check_base(record, resumed)
+        path, sha256 = check_base(record, resumed), record["sha256"]  # check_base compared the hashes
     else:
         path = os.path.join(c["init_from"], "ckpt.pt")
-    sha256 = sha256_of(path)
+        sha256 = sha256_of(path)
     base = load_checkpoint(path, device)
     if base.get("tokenizer_sha256") != read_meta(c["data_dir"])[0]["tokenizer_sha256"]:
         raise SystemExit(f"{c['data_dir']} was tokenized with another tokenizer than {path} was trained with: "

@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--base", help="a cpu_demo out_dir to start from (default: pretrain one in --work_dir)")
     parser.add_argument("--work_dir", default="out/bench_sft", help="where data and checkpoints go")
     args = parser.parse_args()
+    if args.base and not os.path.isfile(os.path.join(args.base, "config.json")):
+        raise SystemExit(f"--base {args.base} is not an out_dir of train.py (it has no config.json)")
     os.makedirs(args.work_dir, exist_ok=True)
     t0 = time.time()
     base = args.base or pretrain(args.work_dir)
