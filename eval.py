@@ -5,10 +5,13 @@ conversation file.
     python eval.py --ckpt out/sft_add2 --task addition --digits 2 --n 500
     python eval.py --ckpt out/sft_add2 --task countdown --k 4 --n 200 --samples 8 --pass_k 1 8 --temperature 0.8
     python eval.py --ckpt out/sft_add2 --data held_out.jsonl     # exact match of the last assistant turn
+    python eval.py --ckpt out/sft_add2 --task addition --digits 2 --split train --n 20000 --replies teacher.jsonl
 
 Replies are generated in batches: each prompt rendered with the chat template up to "<|im_start|>assistant\\n"
 (Tokenizer.render_chat), the batch left-padded and decoded with one KV cache; a row is done at its
-<|im_end|>. The results are printed and written as JSON (--out, by default beside the checkpoint).
+<|im_end|>. The results are printed and written as JSON (--out, by default beside the checkpoint). --replies
+writes the replies themselves as a conversation file: a teacher's replies to fine-tune a student on (black-box
+distillation), or with --min_reward 1 only the verified ones (rejection sampling).
 
 The one idea: pass@k, the chance that at least one of k tries is right, is estimated from n >= k samples per
 problem without bias (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"). With c of the n
@@ -106,6 +109,20 @@ def score(problems, answers: list[str], samples: int, pass_k: list[int]) -> dict
             "rewards": rewards}
 
 
+def write_replies(path: str, conversations: list[list[dict]], answers: list[str], rewards: list[float],
+                  min_reward: float) -> int:
+    """Each reply with reward >= min_reward as a line of a conversation file: its prompt's messages, the reply as
+    the assistant's turn, and the reward. Fine-tuning on a teacher's replies is sequence-level (black-box)
+    distillation (Kim and Rush 2016, "Sequence-Level Knowledge Distillation"): the student learns the teacher's
+    answers, not its distributions, so the two need not share a tokenizer. Returns how many were written."""
+    kept = [(c, a, r) for c, a, r in zip(conversations, answers, rewards) if r >= min_reward]
+    with atomic_write(path, "w") as f:
+        for conversation, answer, score in kept:
+            line = {"messages": [*conversation, {"role": "assistant", "content": answer}], "reward": score}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return len(kept)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="out_dir of a training run (ckpt.pt + tokenizer.model)")
@@ -123,12 +140,16 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="the JSON file of results (default: <ckpt>/eval_<task or data file>.json)")
+    parser.add_argument("--replies", help="also write every reply as a conversation file (JSONL), with its reward")
+    parser.add_argument("--min_reward", type=float, default=0.0, help="--replies keeps only replies rewarded this much")
     args = parser.parse_args(argv)
     if (args.task is None) == (args.data is None):
         parser.error("give exactly one of --task and --data")
     for name in ("n", "samples", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.min_reward <= 1:
+        parser.error(f"--min_reward must be between 0 and 1 (rewards are), got {args.min_reward}")
     if not 0 <= args.temperature < float("inf"):
         parser.error(f"--temperature must be a number >= 0, got {args.temperature}")
     if args.samples > 1 and args.temperature == 0:
@@ -161,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with atomic_write(path, "w") as f:
             json.dump({**summary, "first_replies": shown}, f, indent=1, ensure_ascii=False)
+        if args.replies:
+            kept = write_replies(args.replies, conversations, answers, results["rewards"], args.min_reward)
+            print(f"wrote {kept} of {len(answers)} replies to {args.replies}", file=sys.stderr)
     except OSError as e:
         raise os_error("eval.py", e) from None
     print(f"{len(problems)} problems x {args.samples} samples; results in {path}", file=sys.stderr)

@@ -65,8 +65,29 @@ def test_task_mode_samples_and_reports_pass_at_k(trained_ckpt, tmp_path):
     assert len(results["first_replies"]) == 10
 
 
+def test_replies_are_written_as_a_conversation_file_that_scores_as_the_model_does(trained_ckpt, tmp_path):
+    # Black-box distillation data: the model's own greedy replies, which it then matches exactly (--data mode).
+    result = eval_cli("--ckpt", trained_ckpt, "--task", "reverse", "--length", "3", "--n", "5", "--max_new_tokens", "6",
+                      "--out", str(tmp_path / "r.json"), "--replies", str(tmp_path / "teacher.jsonl"))
+    assert result.returncode == 0 and "wrote 5 of 5 replies" in result.stderr, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "teacher.jsonl").read_text().splitlines()]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [line["messages"][-1]["content"] for line in lines] == [r["reply"] for r in results["first_replies"][:5]]
+    assert [line["reward"] for line in lines] == [r["reward"] for r in results["first_replies"][:5]]
+    again = eval_cli("--ckpt", trained_ckpt, "--data", str(tmp_path / "teacher.jsonl"), "--max_new_tokens", "6",
+                     "--out", str(tmp_path / "again.json"))
+    assert again.returncode == 0 and json.loads((tmp_path / "again.json").read_text())["exact_match"] == 1.0
+    # --min_reward 1 keeps the verified replies only (an untrained model has none here).
+    result = eval_cli("--ckpt", trained_ckpt, "--task", "reverse", "--length", "3", "--n", "5", "--max_new_tokens", "6",
+                      "--out", str(tmp_path / "r.json"), "--replies", str(tmp_path / "right.jsonl"), "--min_reward", "1")
+    kept = sum(r["reward"] == 1.0 for r in results["first_replies"][:5])
+    assert f"wrote {kept} of 5 replies" in result.stderr
+    assert len((tmp_path / "right.jsonl").read_text().splitlines()) == kept
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "give exactly one of --task and --data"),
+    (["--task", "addition", "--min_reward", "2"], "--min_reward must be between 0 and 1"),
     (["--task", "addition", "--samples", "2"], "--samples above 1 needs --temperature above 0"),
     (["--task", "addition", "--samples", "2", "--temperature", "1", "--pass_k", "3"], "every --pass_k must be between"),
     (["--task", "addition", "--digits", "0"], "--digits must be a whole number from 1"),
