@@ -109,7 +109,7 @@ def adapted_model(model: Transformer, checkpoint: dict, ckpt_path: str, device: 
     base_path = check_base(checkpoint["base"], ckpt_path)
     model.load_state_dict(load_checkpoint(base_path, device)["model"])
     add_lora(model, **checkpoint["lora"])
-    load_adapters(model, checkpoint["model"])
+    load_adapters(model, checkpoint["model"], checkpoint["lora"].get("embeddings", False))
     return merge_lora(model)
 
 

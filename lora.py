@@ -11,6 +11,13 @@ Only A and B get gradients and AdamW state (r (d_in + d_out) numbers instead of 
 holds only them. For inference the product folds back into one matrix, W + (alpha / r) B A: a merged model has
 the base's shape and costs nothing extra (sampling, evaluation and export all see a plain model).
 
+One exception is worth knowing: tokens the base never saw. The chat tokens <|im_start|> and <|im_end|> do not
+occur in pretraining text, so their embedding rows were only ever pushed down as wrong predictions (the base
+gives <|im_end|> about 20 nats of loss where a reply ends). Low-rank updates of the blocks can only slowly steer
+the hidden state towards such a row; `embeddings=True` trains the token embedding (and the head, one matrix when
+tied) fully beside the adapters, as PEFT's `modules_to_save=["embed_tokens", "lm_head"]` does for chat templates,
+and the checkpoint holds it with the adapters.
+
 alpha / r keeps the update's scale steady when r changes (the paper tunes alpha once and varies r), and A
 starts as nn.Linear's own weights do (Kaiming-uniform), as in the paper's code: with B = 0 the first step moves
 B only, and A gets a gradient from then on.
@@ -65,10 +72,14 @@ def projections(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
     return found
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str) -> None:
+EMBEDDINGS = ("wte.weight", "lm_head.weight")  # the token embedding and the head (the same matrix when tied)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str, embeddings: bool = False) -> None:
     """Freezes every parameter of the model and gives the projections named in targets (comma-separated
-    attribute names, or "all-linear" for every projection in the blocks) trainable adapters, in place.
-    ValueError names a target the model does not have."""
+    attribute names, or "all-linear" for every projection in the blocks) trainable adapters, in place;
+    embeddings=True leaves the token embedding and the head trainable too. ValueError names a target the model
+    does not have."""
     found = projections(model)
     names = sorted(found) if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     unknown = [name for name in names if name not in found]
@@ -80,6 +91,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     for name in names:
         for parent, attr in found[name]:
             setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
+    if embeddings:
+        model.wte.weight.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(True)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -99,16 +113,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_state_dict(state_dict: dict) -> dict:
-    """The adapters' part of a model's state dict: what a LoRA checkpoint holds."""
-    return {k: v for k, v in state_dict.items() if k.endswith((".lora_A", ".lora_B"))}
+def adapter_state_dict(state_dict: dict, embeddings: bool = False) -> dict:
+    """The trained part of a model's state dict, what a LoRA checkpoint holds: the adapters, and with
+    embeddings=True the token embedding and the head."""
+    return {k: v for k, v in state_dict.items() if k.endswith((".lora_A", ".lora_B")) or (embeddings and k in EMBEDDINGS)}
 
 
-def load_adapters(model: nn.Module, adapters: dict) -> None:
-    """Loads a LoRA checkpoint's adapters into a model that add_lora gave the same adapters; ValueError when
-    the two do not hold the same ones."""
-    expected = {k: v.shape for k, v in adapter_state_dict(model.state_dict()).items()}
+def load_adapters(model: nn.Module, adapters: dict, embeddings: bool = False) -> None:
+    """Loads a LoRA checkpoint's adapters (and embeddings) into a model that add_lora gave the same ones;
+    ValueError when the two do not hold the same ones."""
+    expected = {k: v.shape for k, v in adapter_state_dict(model.state_dict(), embeddings).items()}
     if {k: v.shape for k, v in adapters.items()} != expected:
         raise ValueError(f"the checkpoint's adapters ({len(adapters)}) are not the model's ({len(expected)}): "
-                         "lora_rank and lora_targets must be the ones the run trained with")
+                         "lora_rank, lora_targets and lora_embeddings must be the ones the run trained with")
     model.load_state_dict(adapters, strict=False)

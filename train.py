@@ -1,9 +1,11 @@
 """
-train.py: pretrain a myllm Transformer on one CPU, one GPU, or many GPUs.
+train.py: pretrain, fine-tune or distill a myllm Transformer on one CPU, one GPU, or many GPUs.
 
     python train.py config/cpu_demo.py                          # one process
     python train.py config/cpu_demo.py --max_iters=200 --compile=True   # --key=value overrides
     python train.py config/cpu_demo.py --init_from=resume       # continue from out_dir/ckpt.pt
+    python train.py config/sft_add2.py                          # fine-tune a run on conversations
+    python train.py config/distill_cpu_demo.py                  # a student distilled from a teacher run
     torchrun --nproc_per_node=6 train.py config/pretrain.py     # data parallel (NCCL, or gloo on CPU)
     torchrun --nproc_per_node=6 train.py config/pretrain.py --zero_stage=3   # ZeRO-3 (parallel.py)
 
@@ -32,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (check_base, load_checkpoint, load_optimizer_shards, remove_other_shards, save_checkpoint,
-                        sha256_of, shard_names)
+from checkpoint import (check_base, load_checkpoint, load_model, load_optimizer_shards, remove_other_shards,
+                        save_checkpoint, sha256_of, shard_names)
 from configurator import load_config, peak_flops, resolve_device, resolve_dtype
 from files import atomic_write, copy_file, lock_folder, os_error
 from lora import adapter_state_dict, add_lora, load_adapters
 from model import ModelConfig, Transformer
+from objectives import distillation_loss
 from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
                       check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, on_rank0,
                       optimizer_state_shard)
@@ -84,6 +87,14 @@ lora_rank = 0  # 0: fine-tune (or pretrain) every weight
 lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # on the adapters' input
 lora_targets = "all-linear"  # or comma-separated projection names: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), ...
+lora_embeddings = False  # also train the token embedding and head: the chat tokens are new to a pretrained base
+# The objective: "lm" is next-token cross-entropy on the data (pretraining, SFT); "distill" adds a teacher's
+# softened distribution as a second target (objectives.distillation_loss)
+objective = "lm"
+teacher = ""  # distill: the out_dir of a trained run with the data's tokenizer, frozen during the run
+distill_alpha = 0.5  # distill: the weight of the data's cross-entropy at step 0; the KL to the teacher gets 1 - alpha
+distill_alpha_final = 0.5  # alpha at max_iters, linear from distill_alpha in between (stepped every step, logged)
+distill_temperature = 1.0  # T > 1 softens both distributions, so the teacher's ranking of unlikely tokens counts
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
 DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
@@ -93,7 +104,7 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 
 # Every numeric training key has a valid range, checked before any work (the model's keys: ModelConfig).
 POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
-            "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha")
+            "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha", "distill_temperature")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank")
 
 
@@ -138,8 +149,20 @@ def check_config(c: dict, world_size: int) -> None:
         raise SystemExit("parallel='fsdp2' needs a process group: launch with torchrun (even --nproc_per_node=1)")
     if not 0 <= c["lora_dropout"] < 1:
         raise SystemExit(f"lora_dropout must be in [0, 1), got {c['lora_dropout']}")
+    if c["lora_embeddings"] and not c["lora_rank"]:
+        raise SystemExit("lora_embeddings trains the embeddings beside LoRA adapters: set lora_rank too")
     if c["lora_rank"] and c["init_from"] == "scratch":
         raise SystemExit("lora_rank > 0 adapts a trained model: set init_from to the out_dir of the run to adapt")
+    if c["objective"] not in ("lm", "distill"):
+        raise SystemExit(f"objective must be 'lm' or 'distill', got '{c['objective']}'")
+    if (c["objective"] == "distill") != bool(c["teacher"]):
+        raise SystemExit("objective='distill' needs a teacher (the out_dir of a trained run), and a teacher needs "
+                         "objective='distill'")
+    if c["teacher"] and not os.path.isfile(os.path.join(c["teacher"], "ckpt.pt")):
+        raise SystemExit(f"teacher must be the out_dir of a trained run, and {c['teacher']} holds no ckpt.pt")
+    for key in ("distill_alpha", "distill_alpha_final"):
+        if not 0 <= c[key] <= 1:
+            raise SystemExit(f"{key} must be in [0, 1], got {c[key]}")
     if c["compile"] and c["zero_stage"] == 3:
         raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
 
@@ -330,6 +353,27 @@ class TokenData:
         return t.to(self.device)
 
 
+def micro_batch_loss(train_model, model: Transformer, teacher, data: TokenData, x, y, doc_ids, it: int,
+                     accum_steps: int):
+    """One micro-batch's loss, weighted by its share of the global batch: (the loss to backpropagate, what the log
+    adds up of it, distillation's (ce, kl) weighted alike, else zeros)."""
+    if teacher is None:
+        _, loss = train_model(x, y, doc_ids=doc_ids)
+        parts = torch.zeros(2, device=loss.device)
+    else:
+        loss, parts = teacher.loss(train_model, model, x, y, doc_ids, it)
+    if data.packs is None:
+        # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro batches makes the
+        # accumulated gradient the mean over the whole global batch.
+        return loss / accum_steps, loss.detach(), parts / accum_steps
+    # A mean over this micro-batch's targets, reweighted to its share of all the global batch's targets (times
+    # world_size, which the engine's average divides out): the step minimises the mean over every target, however
+    # the targets fall among micro-batches and ranks.
+    share = (y != -100).sum() * data.world_size / max(1, data.train_targets(it))
+    loss = loss * share
+    return loss, loss.detach(), parts * share
+
+
 @torch.no_grad()
 def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
     """Mean loss and bits per byte on the same eval_iters * batch_size windows of each split every time (a
@@ -358,6 +402,50 @@ def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
     return out
 
 
+class Teacher:
+    """objective = "distill": a trained run's model, frozen, whose logits on each micro-batch are the student's soft
+    targets (objectives.distillation_loss). It must have the data's tokenizer: the KL compares two distributions
+    over the same token ids, and a teacher of another vocabulary would compare different words id by id (no
+    vocabulary is sliced or remapped to hide that). alpha, the weight of the data's own cross-entropy, moves
+    linearly from distill_alpha at step 0 to distill_alpha_final at max_iters."""
+
+    def __init__(self, c: dict, data: TokenData):
+        path = os.path.join(c["teacher"], "ckpt.pt")
+        # Building the teacher's model draws its (then overwritten) initial weights from the CPU generator: forked,
+        # so the student starts from the same weights and the same dropout masks as without a teacher.
+        with torch.random.fork_rng(devices=[]):
+            self.model, _ = load_model(c["teacher"], data.device)  # eval mode: no dropout in the targets
+        if sha256_of(os.path.join(c["teacher"], "tokenizer.model")) != data.meta["tokenizer_sha256"]:
+            raise SystemExit(f"teacher {c['teacher']} has another tokenizer than {c['data_dir']}: its logits are "
+                             "over other tokens, so distillation needs a teacher trained with this tokenizer")
+        self.model.requires_grad_(False)
+        if self.model.config.block_size < c["block_size"]:
+            raise SystemExit(f"teacher {c['teacher']} has block_size {self.model.config.block_size}, shorter than the "
+                             f"student's windows of {c['block_size']}")
+        self.record = {"out_dir": os.path.abspath(c["teacher"]), "sha256": sha256_of(path)}
+        self.start, self.final, self.max_iters = c["distill_alpha"], c["distill_alpha_final"], c["max_iters"]
+        self.temperature = c["distill_temperature"]
+
+    def claim(self, progress: dict) -> None:
+        """Records the teacher in the run's progress (so in every checkpoint); a resumed run must find it unchanged."""
+        if progress["teacher"] is not None and progress["teacher"]["sha256"] != self.record["sha256"]:
+            raise SystemExit(f"resume: {self.record['out_dir']} is not the teacher this run started with (its ckpt.pt "
+                             "has changed since): put that teacher back or start a new run")
+        progress["teacher"] = self.record
+
+    def alpha(self, it: int) -> float:
+        return self.start + (self.final - self.start) * min(it, self.max_iters) / max(1, self.max_iters)
+
+    def loss(self, train_model, model: Transformer, x, y, doc_ids, it: int):
+        """The micro-batch's distillation loss (a mean over its targets, as the model's own loss is) and its
+        detached parts, stacked (ce, kl). model is train_model's uncompiled module (for the MoE balance term)."""
+        logits, _ = train_model(x, doc_ids=doc_ids)
+        with torch.no_grad():
+            teacher_logits, _ = self.model(x, doc_ids=doc_ids)
+        loss, parts = distillation_loss(logits, teacher_logits, y, self.alpha(it), self.temperature)
+        return loss + model.balance_penalty(), torch.stack([parts["ce"], parts["kl"]])
+
+
 def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, device: str) -> dict:
     """out_dir/ckpt.pt, after checking that it continues this run: same tokenizer, same model shape."""
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
@@ -380,7 +468,8 @@ def lora_settings(c: dict) -> dict | None:
     """The run's LoRA settings as lora.add_lora takes them (and a LoRA checkpoint stores them); None without."""
     if not c["lora_rank"]:
         return None
-    return {"rank": c["lora_rank"], "alpha": c["lora_alpha"], "dropout": c["lora_dropout"], "targets": c["lora_targets"]}
+    return {"rank": c["lora_rank"], "alpha": c["lora_alpha"], "dropout": c["lora_dropout"], "targets": c["lora_targets"],
+            "embeddings": c["lora_embeddings"]}
 
 
 def restore_rng(checkpoint: dict, rank: int, device_type: str) -> None:
@@ -406,7 +495,7 @@ def save(c: dict, engine, model_config: ModelConfig, data: TokenData, progress: 
     if data.rank == 0:
         lora = lora_settings(c)
         save_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"), {
-            "model": adapter_state_dict(full_model) if lora else full_model, "lora": lora, "optimizer_shards": names,
+            "model": adapter_state_dict(full_model, lora["embeddings"]) if lora else full_model, "lora": lora, "optimizer_shards": names,
             "zero_stage": c["zero_stage"], "parallel": c["parallel"], "world_size": data.world_size,
             "model_config": asdict(model_config), "config": c, **progress,
             "tokenizer_sha256": data.meta["tokenizer_sha256"], "rng": rng})
@@ -549,7 +638,7 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
         except ValueError as e:
             raise SystemExit(str(e)) from None
     if checkpoint is not None and c["lora_rank"]:
-        load_adapters(model, checkpoint["model"])  # the settings were checked equal: the same adapters
+        load_adapters(model, checkpoint["model"], c["lora_embeddings"])  # the settings were checked equal
     elif checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     broadcast_parameters(model)
@@ -564,12 +653,13 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
     if checkpoint is None:
         # A new run gets a new identity (rank 0's: every rank must save the same one).
         return model, engine, {"iter_num": 0, "best_val_loss": float("inf"),
-                               "run_id": all_gather_objects(uuid.uuid4().hex)[0], "base": base and base["record"]}
+                               "run_id": all_gather_objects(uuid.uuid4().hex)[0], "base": base and base["record"],
+                               "teacher": None}
     load_optimizer_state(engine, load_optimizer_shards(c["out_dir"], checkpoint, os.path.join(c["out_dir"], "ckpt.pt")))
     restore_rng(checkpoint, rank, device_type)
     run_id = checkpoint.get("run_id") or all_gather_objects(uuid.uuid4().hex)[0]  # older checkpoints had none
     return model, engine, {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"],
-                           "run_id": run_id, "base": base and base["record"]}
+                           "run_id": run_id, "base": base and base["record"], "teacher": checkpoint.get("teacher")}
 
 
 def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> None:
@@ -580,7 +670,8 @@ def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> N
     print(f"{model.num_params() / 1e6:.2f}M parameters{active} (without embeddings), vocab {data.vocab_size}, {setup}")
     if config["lora_rank"]:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"LoRA: {trained:,} adapter parameters trained, the base's {model.num_params(False) - trained:,} frozen")
+        what = "adapter and embedding" if config["lora_embeddings"] else "adapter"
+        print(f"LoRA: {trained:,} {what} parameters trained, the base's {model.num_params(False) - trained:,} frozen")
     for split, pack in (data.packs or {}).items():
         print(f"{split}: {len(pack.lengths):,} conversations packed into {len(pack.windows):,} windows of "
               f"{pack.capacity} tokens, {pack.real:.1%} of them real; {pack.truncated} longer than a window, truncated")
@@ -614,9 +705,12 @@ def main(argv: list[str]) -> None:
     data = TokenData(c, rank, world_size, device)
     check_same_on_all_ranks(data.identity, "data")
     model_config = model_config_of(c, data)
+    teacher = Teacher(c, data) if c["objective"] == "distill" else None
     lock = on_rank0(lambda: claim_out_dir(c))  # noqa: F841 (held until the process ends)
     model, engine, progress = build(c, data, model_config, base, rank, device_type)
     base = None  # free the loaded copy
+    if teacher is not None:
+        teacher.claim(progress)
     if progress["iter_num"] > 0:
         on_rank0(lambda: trim_metrics(c["out_dir"], progress["iter_num"]))
     train_model = torch.compile(model) if c["compile"] else model
@@ -652,21 +746,14 @@ def main(argv: list[str]) -> None:
         t0 = time.time()
         engine.comm_stats()  # count this step's traffic only, not the evaluation's
         loss_sum = torch.zeros((), device=device)
+        parts_sum = torch.zeros(2, device=device)  # distillation: its (ce, kl), weighted as the loss is
         for micro_step in range(accum_steps):
             engine.set_sync(micro_step == accum_steps - 1)  # decided before the forward, as DDP's no_sync
             with autocast:
-                _, loss = train_model(x, y, doc_ids=doc_ids)
-            if data.packs is None:
-                # Each micro-batch's loss is a mean over its tokens; dividing by the number of micro
-                # batches makes the accumulated gradient the mean over the whole global batch.
-                loss_sum += loss.detach()
-                loss = loss / accum_steps
-            else:
-                # A mean over this micro-batch's targets, reweighted to its share of all the global batch's
-                # targets (times world_size, which the engine's average divides out): the step minimises the mean
-                # over every target, however the targets fall among micro-batches and ranks.
-                loss = loss * ((y != -100).sum() * world_size / max(1, data.train_targets(iter_num)))
-                loss_sum += loss.detach()
+                loss, logged, parts = micro_batch_loss(train_model, model, teacher, data, x, y, doc_ids, iter_num,
+                                                       accum_steps)
+            loss_sum += logged
+            parts_sum += parts
             # Read the next micro-batch while this one is still computing, as nanoGPT does: on CUDA the forward
             # was only queued, so the host's read and the pinned copy overlap the GPU's work.
             last = micro_step == accum_steps - 1
@@ -689,11 +776,15 @@ def main(argv: list[str]) -> None:
             dt = time.time() - t0  # .item() above waited for the device, so this is the real step time
             tokens_per_s = tokens_per_iter / dt
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
+            if teacher is not None:
+                parts = (all_reduce_sum(parts_sum) / world_size).tolist()
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 record = {"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": time.time() - t_start,
                           **comm, "comm_bytes_theory": comm_theory}  # per rank, this step
+                if teacher is not None:  # the schedule as applied, and both terms (means over the global batch)
+                    record |= {"distill_alpha": teacher.alpha(iter_num - 1), "ce": parts[0], "kl": parts[1]}
                 if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
                     record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
                 log_metrics(c["out_dir"], record)

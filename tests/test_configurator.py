@@ -60,8 +60,9 @@ def test_auto_device_is_this_ranks_gpu_or_the_cpu_and_dtype_is_checked():
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
-def test_every_shipped_config_file_sets_only_train_keys_of_their_types(name):
+def test_every_shipped_config_file_sets_only_train_keys_of_their_types(name, trained_ckpt):
     import train
 
     config = load_config(train.DEFAULTS, [os.path.join(ROOT, "config", name)])
-    train.check_config({**config, "init_from": "scratch"}, world_size=1)  # (init_from names a run made first)
+    # init_from and teacher name runs made first (their README commands): here, scratch and a run there is.
+    train.check_config({**config, "init_from": "scratch", "teacher": config["teacher"] and trained_ckpt}, world_size=1)

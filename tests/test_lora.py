@@ -93,3 +93,22 @@ def test_adapters_load_only_into_the_same_adapters():
     other, _ = adapted("gqa", targets="wq")
     with pytest.raises(ValueError, match="are not the model's"):
         load_adapters(other, adapter_state_dict(model.state_dict()))
+
+
+def test_embeddings_train_beside_the_adapters_and_travel_with_them():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, **ARCHS["gqa"]}))
+    add_lora(model, rank=4, alpha=8.0, dropout=0.0, targets="wq", embeddings=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"wte.weight"} | {n for n in trainable if n.endswith((".lora_A", ".lora_B"))}
+    assert model.lm_head.weight.requires_grad  # tied: the head is the same matrix
+    with torch.no_grad():
+        model.wte.weight.add_(1.0)
+    saved = adapter_state_dict(lively(model).state_dict(), embeddings=True)
+    assert {"wte.weight", "lm_head.weight"} <= set(saved)
+    again, _ = adapted("gqa", targets="wq", seed=1)
+    again.wte.weight.requires_grad_(True)
+    load_adapters(again, saved, embeddings=True)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in saved.items())
+    with pytest.raises(ValueError, match="lora_embeddings must be the ones"):
+        load_adapters(again, saved)  # a run without embeddings has no such weights to load

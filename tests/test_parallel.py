@@ -196,6 +196,24 @@ def test_a_fine_tuning_step_is_the_same_on_two_ranks(tmp_path, trained_ckpt, cha
     assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
 
 
+def test_distillation_on_two_ranks_matches_one_process(tmp_path, trained_ckpt, chat_data):
+    # Each rank runs its own copy of the frozen teacher on its micro-batches, weighted by their share of the global
+    # batch's targets like SFT's loss; the logged terms are summed over the ranks. One process takes the whole
+    # batch of 4 conversations' windows at once, each of two ranks 2 of them.
+    common = [*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", "--objective=distill",
+              f"--teacher={trained_ckpt}", "--distill_alpha=0.2", "--distill_alpha_final=0.8",
+              "--distill_temperature=2.0"]
+    run([*common, f"--out_dir={tmp_path}/one", "--batch_size=4"])
+    run([*common, f"--out_dir={tmp_path}/two", "--batch_size=2", "--gradient_accumulation_steps=2", "--zero_stage=3"],
+        launcher=torchrun(2))
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), tol=1e-6)
+    logs = [[r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if "kl" in r] for name in ("one", "two")]
+    assert len(logs[0]) == 3
+    for a, b in zip(*logs):
+        assert (a["distill_alpha"], a["loss"], a["ce"], a["kl"]) == pytest.approx(
+            (b["distill_alpha"], b["loss"], b["ce"], b["kl"]), abs=1e-6)
+
+
 def test_lora_on_two_ranks_matches_one_process_and_keeps_the_base_out_of_the_engine(tmp_path, trained_ckpt, chat_data):
     # Only the adapters are bucketed, reduced, sharded and stepped; the frozen base stays whole on every rank.
     common = [*SFT, "--lora_rank=4", "--lora_alpha=8.0", "--learning_rate=1e-2", f"--data_dir={chat_data}",

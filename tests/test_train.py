@@ -147,6 +147,12 @@ def test_a_fresh_run_refuses_an_out_dir_holding_a_run_unless_told_to_overwrite(t
     ("--block_size=0", "block_size must be positive, got 0"),
     ("--device=cuda" if not torch.cuda.is_available() else "--device=cuda:99", "device=cuda"),
     ("--device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("--objective=dpo", "objective must be 'lm' or 'distill', got 'dpo'"),
+    ("--objective=distill", "objective='distill' needs a teacher"),
+    ("--teacher=nowhere", "a teacher needs objective='distill'"),
+    ("--distill_alpha=1.5", "distill_alpha must be in [0, 1], got 1.5"),
+    ("--distill_temperature=0.0", "distill_temperature must be positive, got 0.0"),
+    ("--lora_embeddings=True", "lora_embeddings trains the embeddings beside LoRA adapters: set lora_rank too"),
 ])
 def test_every_key_out_of_range_is_one_sentence_before_any_work(tmp_path, prepared_data, arg, message):
     result = run([*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", arg], check=False)
@@ -382,6 +388,18 @@ def test_lora_settings_that_cannot_work_are_refused(tmp_path, trained_ckpt, chat
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_lora_with_embeddings_saves_and_merges_them(tmp_path, trained_ckpt, chat_data):
+    from checkpoint import load_model
+
+    run([*SFT, *LORA, "--lora_embeddings=True", f"--data_dir={chat_data}", f"--init_from={trained_ckpt}",
+         f"--out_dir={tmp_path}/out"])
+    saved = weights(tmp_path / "out")
+    assert {"wte.weight", "lm_head.weight"} <= set(saved)
+    assert not torch.equal(saved["wte.weight"], weights(trained_ckpt)["wte.weight"])  # they did train
+    model, _ = load_model(str(tmp_path / "out"), "cpu")
+    assert torch.equal(model.wte.weight, saved["wte.weight"]) and model.lm_head.weight is model.wte.weight
+
+
 def test_a_resumed_fine_tuning_run_is_the_straight_run(tmp_path, trained_ckpt, chat_data):
     # On resume the shape comes from the base the run's checkpoint names, as it did when the run started.
     common = [*SFT, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", "--max_iters=6"]
@@ -403,3 +421,67 @@ def test_fine_tuning_data_of_another_tokenizer_is_refused(tmp_path, trained_ckpt
     result = run([*SFT, f"--data_dir={tmp_path}/data", f"--init_from={trained_ckpt}", f"--out_dir={tmp_path}/out"],
                  check=False)
     assert result.returncode == 1 and "tokenized with another tokenizer" in result.stderr
+
+
+def distill(teacher, *args):
+    return ["--objective=distill", f"--teacher={teacher}", *args]
+
+
+def test_distillation_at_alpha_1_is_plain_training_and_logs_its_schedule(tmp_path, prepared_data, trained_ckpt):
+    common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=4", "--eval_interval=4"]
+    run([*common, f"--out_dir={tmp_path}/lm"])
+    # alpha = 1 weighs the KL by 0: the data's cross-entropy alone, computed by log-softmax and gather instead of
+    # F.cross_entropy (so equal to float rounding), whatever the teacher says.
+    run([*common, f"--out_dir={tmp_path}/alpha1", *distill(trained_ckpt, "--distill_alpha=1.0",
+                                                          "--distill_alpha_final=1.0", "--distill_temperature=2.0")])
+    assert step_losses(tmp_path / "alpha1") == pytest.approx(step_losses(tmp_path / "lm"), abs=1e-5)
+    assert_same_weights(weights(tmp_path / "alpha1"), weights(tmp_path / "lm"), tol=1e-5)
+    # The schedule is applied: alpha moves linearly from 0 at step 0 to 1 at max_iters, and the log shows it.
+    run([*common, f"--out_dir={tmp_path}/ramp", *distill(trained_ckpt, "--distill_alpha=0.0",
+                                                        "--distill_alpha_final=1.0")])
+    steps = [r for r in records(tmp_path / "ramp") if "loss" in r]
+    assert [r["distill_alpha"] for r in steps] == [0.0, 0.25, 0.5, 0.75]
+    for r in steps:  # the loss is the logged mix of the two logged terms
+        assert r["loss"] == pytest.approx(r["distill_alpha"] * r["ce"] + (1 - r["distill_alpha"]) * r["kl"], rel=1e-5)
+        assert r["kl"] > 0
+    assert torch.load(tmp_path / "ramp" / "ckpt.pt", weights_only=True)["teacher"]["sha256"]
+
+
+def test_a_student_equal_to_its_teacher_gets_zero_kl_and_no_gradient(tmp_path, prepared_data, trained_ckpt):
+    # Started from the teacher's own weights with alpha 0: KL(teacher || student) is exactly 0, and its gradient
+    # q - p is 0 up to float rounding (the softmax sums to 1 only to float precision), against a norm of order 1
+    # from the data's cross-entropy at alpha 1.
+    common = [f"--data_dir={prepared_data}", f"--init_from={trained_ckpt}", "--max_iters=1", "--eval_interval=1",
+              "--eval_iters=1", "--log_interval=1", "--batch_size=4"]
+    norms = {}
+    for alpha in (0.0, 1.0):
+        run([*common, f"--out_dir={tmp_path}/{alpha}", *distill(trained_ckpt, f"--distill_alpha={alpha}",
+                                                                 f"--distill_alpha_final={alpha}")])
+        [step] = [r for r in records(tmp_path / str(alpha)) if "loss" in r]
+        norms[alpha] = step["grad_norm"]
+        if alpha == 0.0:
+            assert step["kl"] == 0.0 and step["loss"] == 0.0
+    assert norms[0.0] < 1e-6 and norms[1.0] > 0.1
+
+
+def test_a_teacher_of_another_tokenizer_or_a_changed_one_is_refused(tmp_path, prepared_data, trained_ckpt):
+    subprocess.run([sys.executable, os.path.join(ROOT, "tasks.py"), "--task", "reverse", "--n", "200", "--out",
+                    str(tmp_path / "r.jsonl")], check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--chat", "--input", str(tmp_path / "r.jsonl"),
+                    "--out", str(tmp_path / "data"), "--vocab_size", "300", "--workers", "1"], check=True,
+                   capture_output=True)
+    result = run([*TINY, f"--data_dir={tmp_path}/data", f"--out_dir={tmp_path}/out", "--max_iters=1",
+                  *distill(trained_ckpt)], check=False)
+    assert result.returncode == 1 and "has another tokenizer than" in result.stderr
+    assert not (tmp_path / "out").exists()
+    # A run resumed with a teacher whose checkpoint changed since would mix two teachers' targets: refused.
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_ckpt, teacher)
+    common = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/student", "--eval_interval=2",
+              *distill(teacher)]
+    run([*common, "--max_iters=2"])
+    state = torch.load(teacher / "ckpt.pt", weights_only=True)
+    state["iter_num"] += 1
+    torch.save(state, teacher / "ckpt.pt")
+    result = run([*common, "--max_iters=4", "--init_from=resume"], check=False)
+    assert result.returncode == 1 and "is not the teacher this run started with" in result.stderr
