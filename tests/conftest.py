@@ -16,6 +16,11 @@ import prepare_data
 # again at each launch), so it is set here, before any test module imports the model or the kernels.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# One thread per process: the distributed tests run two ranks on a 2-core machine, and torch's default of a thread
+# per core in each oversubscribes the cores (OpenMP threads spin-wait; a second busy process can slow two-thread
+# torch many times over). Set for this process and, through the environment, for every process a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parent.parent
 # A few standard-library modules: real Python source that every Python install carries.
@@ -44,5 +49,5 @@ def trained_ckpt(prepared_data, tmp_path_factory) -> str:
                     "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64",
                     "--batch_size=8", "--max_iters=40", "--eval_interval=40", "--eval_iters=2",
                     "--warmup_iters=5", "--lr_decay_iters=40", "--learning_rate=3e-3"],
-                   cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
+                   cwd=ROOT, check=True, capture_output=True)
     return str(out)
