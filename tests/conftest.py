@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 # One thread per process: the distributed tests run two ranks on a 2-core machine, and torch's default of a thread
 # per core in each oversubscribes the cores (OpenMP threads spin-wait; a second busy process can slow two-thread
 # torch many times over). Set for this process and, through the environment, for every process a test starts.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or "1"
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parent.parent

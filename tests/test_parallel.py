@@ -108,7 +108,7 @@ def test_two_nodes_over_loopback_match_one_process(tmp_path, prepared_data):
     common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=2", "--eval_interval=2", "--gradient_accumulation_steps=2",
               "--zero_stage=1"]
     run([*common, f"--out_dir={tmp_path}/one"])
-    port, env = free_port(), dict(os.environ, OMP_NUM_THREADS="1")
+    port, env = free_port(), dict(os.environ)
     logs = [open(tmp_path / f"node{node}.log", "w") for node in (0, 1)]
     nodes = [subprocess.Popen([*TORCHRUN[:-1], "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv_backend=c10d",
                                f"--rdzv_endpoint=127.0.0.1:{port}", os.path.join(ROOT, "train.py"), *common,
@@ -122,7 +122,7 @@ def test_two_nodes_over_loopback_match_one_process(tmp_path, prepared_data):
 def launch_by_hand(args, world_size, port, cwds=None):
     """The ranks as plain processes, as a cluster scheduler starts them: no torchrun agent tears the group down.
     cwds: each rank's working folder (as on machines of their own), ROOT by default."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size))
     return [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args[rank]], cwd=cwds[rank] if cwds else ROOT,
                              text=True, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
@@ -229,7 +229,7 @@ def test_lora_on_two_ranks_matches_one_process_and_keeps_the_base_out_of_the_eng
 
 
 def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     result = subprocess.run([*torchrun(3), os.path.abspath(__file__)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
