@@ -20,7 +20,7 @@ N = 6  # tokens per reply: the tiny model's context is 64 tokens, and the refere
 
 def run_chat(*args, stdin=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), *args], cwd=ROOT, input=stdin,
-                          env=dict(os.environ), capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120)
 
 
 def greedy_reply(model, tokenizer, messages, n):

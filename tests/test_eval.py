@@ -34,7 +34,7 @@ def test_batched_left_padded_replies_equal_replies_one_at_a_time(trained_ckpt):
 
 def eval_cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ))
+                          text=True, timeout=300)
 
 
 def test_data_mode_scores_exact_match_of_the_last_reply(trained_ckpt, tmp_path):

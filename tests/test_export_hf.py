@@ -136,7 +136,7 @@ def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
                             f"--init_from={trained_ckpt}", f"--out_dir={tmp_path}/lora", "--lora_rank=4",
                             "--learning_rate=1e-2", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
                             "--batch_size=2", "--warmup_iters=0"], cwd=ROOT, capture_output=True, text=True,
-                           env=dict(os.environ), timeout=120)
+                           timeout=120)
     assert train.returncode == 0, train.stderr[-2000:]
     result = export_cli("--ckpt", str(tmp_path / "lora"), "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr

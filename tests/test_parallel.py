@@ -108,11 +108,11 @@ def test_two_nodes_over_loopback_match_one_process(tmp_path, prepared_data):
     common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=2", "--eval_interval=2", "--gradient_accumulation_steps=2",
               "--zero_stage=1"]
     run([*common, f"--out_dir={tmp_path}/one"])
-    port, env = free_port(), dict(os.environ)
+    port = free_port()
     logs = [open(tmp_path / f"node{node}.log", "w") for node in (0, 1)]
     nodes = [subprocess.Popen([*TORCHRUN[:-1], "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv_backend=c10d",
                                f"--rdzv_endpoint=127.0.0.1:{port}", os.path.join(ROOT, "train.py"), *common,
-                               f"--out_dir={tmp_path}/two"], cwd=ROOT, env=env, stdout=logs[node], stderr=subprocess.STDOUT)
+                               f"--out_dir={tmp_path}/two"], cwd=ROOT, stdout=logs[node], stderr=subprocess.STDOUT)
              for node in (0, 1)]
     for node, log in zip(nodes, logs):
         assert node.wait(timeout=120) == 0, open(log.name).read()[-3000:]

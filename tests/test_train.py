@@ -21,9 +21,7 @@ TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_si
 
 
 def run(args, launcher=(sys.executable,), check=True):
-    # One thread per process: two processes on two cores must not fight over OpenMP threads.
-    env = dict(os.environ)
-    result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+    result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -197,7 +195,7 @@ def test_a_full_disk_during_a_save_is_a_sentence_and_keeps_the_previous_checkpoi
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--max_iters=4",
-                             "--init_from=resume"], cwd=ROOT, env=dict(os.environ),
+                             "--init_from=resume"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "train.py: " in result.stderr and str(tmp_path / "out") in result.stderr
@@ -217,7 +215,7 @@ def test_a_shard_of_another_run_is_refused(tmp_path, prepared_data):
 def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_runs(tmp_path, prepared_data):
     common = [*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", "--eval_interval=1000000"]
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--max_iters=1000000"],
-                             cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                             cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         import time
