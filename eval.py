@@ -47,25 +47,32 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
+def reply_tokens(model, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
+    """The ids of each prompt's reply, generated together from left-padded prompts with one KV cache; a reply ends
+    with its <|im_end|> (or </s>), kept as its last id, or after max_new_tokens without one."""
+    device, width = model.wte.weight.device, max(map(len, prompts))
+    idx = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
+    is_real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    new, done = [[] for _ in prompts], [False] * len(prompts)
+    for tokens in model.generate(idx, max_new_tokens, temperature, attention_mask=is_real):
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                new[row].append(token)
+                done[row] = token in (IM_END_ID, EOS_ID)
+        if all(done):
+            break
+    return new
+
+
 def replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float,
             batch_size: int) -> list[str]:
     """The model's reply to each conversation (which ends with the turn to answer), generated batch_size at a
-    time from left-padded prompts; a reply ends at <|im_end|> (or </s>), or after max_new_tokens."""
-    device, out = model.wte.weight.device, []
+    time (reply_tokens), as text without its closing token."""
+    out = []
     for lo in range(0, len(conversations), batch_size):
         prompts = [tokenizer.render_chat(c, generation_prompt=True)[0] for c in conversations[lo:lo + batch_size]]
-        width = max(map(len, prompts))
-        idx = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
-        is_real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        new, done = [[] for _ in prompts], [False] * len(prompts)
-        for tokens in model.generate(idx, max_new_tokens, temperature, attention_mask=is_real):
-            for row, token in enumerate(tokens.tolist()):
-                done[row] = done[row] or token in (IM_END_ID, EOS_ID)
-                if not done[row]:
-                    new[row].append(token)
-            if all(done):
-                break
-        out += [tokenizer.decode(ids) for ids in new]
+        for ids in reply_tokens(model, prompts, max_new_tokens, temperature):
+            out.append(tokenizer.decode(ids[:-1] if ids and ids[-1] in (IM_END_ID, EOS_ID) else ids))
     return out
 
 

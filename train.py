@@ -44,6 +44,8 @@ from objectives import distillation_loss
 from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
                       check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, on_rank0,
                       optimizer_state_shard)
+from rollouts import Policy
+from tasks import TASKS
 from tokenizer import PAD_ID, Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -89,12 +91,25 @@ lora_dropout = 0.0  # on the adapters' input
 lora_targets = "all-linear"  # or comma-separated projection names: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), ...
 lora_embeddings = False  # also train the token embedding and head: the chat tokens are new to a pretrained base
 # The objective: "lm" is next-token cross-entropy on the data (pretraining, SFT); "distill" adds a teacher's
-# softened distribution as a second target (objectives.distillation_loss)
+# softened distribution as a second target (objectives.distillation_loss); "grpo" trains on the model's own
+# replies to a task's prompts, scored by its verifier (rollouts.py; data_dir then only gives the val loss)
 objective = "lm"
 teacher = ""  # distill: the out_dir of a trained run with the data's tokenizer, frozen during the run
 distill_alpha = 0.5  # distill: the weight of the data's cross-entropy at step 0; the KL to the teacher gets 1 - alpha
 distill_alpha_final = 0.5  # alpha at max_iters, linear from distill_alpha in between (stepped every step, logged)
 distill_temperature = 1.0  # T > 1 softens both distributions, so the teacher's ranking of unlikely tokens counts
+# grpo: a step trains on batch_size * gradient_accumulation_steps replies, group_size to each of its prompts
+task = ""  # grpo: a task of tasks.py, whose train split gives the prompts and whose verifier the rewards
+task_difficulty = 0  # grpo: the task's difficulty knob (its --digits, --k or --length); 0 is the task's default
+group_size = 8  # grpo: replies sampled per prompt, the group whose mean reward is each one's baseline
+max_new_tokens = 32  # grpo: a reply ends at its <|im_end|> or after this many tokens
+temperature = 1.0  # grpo: of the sampling; the replies of a group must differ for any of them to teach
+scale_by_std = False  # grpo: divide each group's advantages by its reward std (GRPO) or not (Dr. GRPO)
+ppo_epochs = 1  # grpo: optimizer steps on each round of replies; after the first the ratio pi / pi_old weighs them
+clip_eps = 0.0  # grpo: > 0 clips that ratio to 1 +- clip_eps, PPO's surrogate (0: the plain REINFORCE form)
+cispo_clip = 0.0  # grpo: > 0 instead clips the ratio's weight at 1 + cispo_clip, CISPO's form
+kl_beta = 0.0  # grpo: weight of the k3 estimate of KL to the frozen init_from model (logged whatever its weight)
+eval_problems = 200  # grpo: held-out problems whose greedy replies give pass@1 at every evaluation
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
 DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
@@ -104,8 +119,10 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 
 # Every numeric training key has a valid range, checked before any work (the model's keys: ModelConfig).
 POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
-            "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha", "distill_temperature")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank")
+            "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha", "distill_temperature", "max_new_tokens",
+            "temperature", "ppo_epochs", "eval_problems")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank",
+                "task_difficulty", "clip_eps", "cispo_clip", "kl_beta")
 
 
 def check_config(c: dict, world_size: int) -> None:
@@ -153,8 +170,8 @@ def check_config(c: dict, world_size: int) -> None:
         raise SystemExit("lora_embeddings trains the embeddings beside LoRA adapters: set lora_rank too")
     if c["lora_rank"] and c["init_from"] == "scratch":
         raise SystemExit("lora_rank > 0 adapts a trained model: set init_from to the out_dir of the run to adapt")
-    if c["objective"] not in ("lm", "distill"):
-        raise SystemExit(f"objective must be 'lm' or 'distill', got '{c['objective']}'")
+    if c["objective"] not in ("lm", "distill", "grpo"):
+        raise SystemExit(f"objective must be 'lm', 'distill' or 'grpo', got '{c['objective']}'")
     if (c["objective"] == "distill") != bool(c["teacher"]):
         raise SystemExit("objective='distill' needs a teacher (the out_dir of a trained run), and a teacher needs "
                          "objective='distill'")
@@ -163,8 +180,42 @@ def check_config(c: dict, world_size: int) -> None:
     for key in ("distill_alpha", "distill_alpha_final"):
         if not 0 <= c[key] <= 1:
             raise SystemExit(f"{key} must be in [0, 1], got {c[key]}")
+    if c["objective"] == "grpo":
+        check_grpo_config(c, world_size)
+    elif c["task"]:
+        raise SystemExit(f"task={c['task']!r} is the prompts of objective='grpo': set that objective too")
     if c["compile"] and c["zero_stage"] == 3:
         raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
+
+
+def check_grpo_config(c: dict, world_size: int) -> None:
+    """objective = "grpo": what sampling and its rounds need of the rest of the config."""
+    if c["task"] not in TASKS:
+        raise SystemExit(f"objective='grpo' needs task, one of {', '.join(TASKS)}; got {c['task']!r}")
+    if c["init_from"] == "scratch":
+        raise SystemExit("objective='grpo' improves a model that can already answer sometimes: set init_from to the "
+                         "out_dir of a fine-tuned run")
+    if c["group_size"] < 2:
+        raise SystemExit(f"group_size must be at least 2 (a reply's baseline is the rest of its group), got {c['group_size']}")
+    replies = c["batch_size"] * c["gradient_accumulation_steps"] // world_size
+    if replies % c["group_size"]:
+        raise SystemExit(f"each process samples whole groups: batch_size * gradient_accumulation_steps / processes "
+                         f"= {replies} replies is not a multiple of group_size={c['group_size']}")
+    if c["zero_stage"] == 3 or c["parallel"] == "fsdp2":
+        raise SystemExit("objective='grpo' samples with as many forwards as its replies are long, different on each "
+                         "rank, and parameter sharding (zero_stage=3, fsdp2) gathers in every forward: use zero_stage "
+                         "0, 1 or 2")
+    if c["dropout"] > 0:
+        raise SystemExit("objective='grpo' needs dropout=0: the replies are sampled without dropout, and pi / pi_old "
+                         "compares the same function before and after an update")
+    if not c["always_save_checkpoint"]:
+        raise SystemExit("objective='grpo' saves at every evaluation (always_save_checkpoint=True): its val loss "
+                         "is not what it optimises, so it cannot choose the best checkpoint")
+    if c["eval_interval"] % c["ppo_epochs"] or c["max_iters"] % c["ppo_epochs"]:
+        raise SystemExit(f"eval_interval and max_iters must be multiples of ppo_epochs={c['ppo_epochs']}: a checkpoint "
+                         "falls between rounds of replies, so a resumed run samples what the straight run did")
+    if c["clip_eps"] and c["cispo_clip"]:
+        raise SystemExit("clip_eps (PPO) and cispo_clip (CISPO) are two forms of one clip: set one of them")
 
 
 def get_lr(it: int, config: dict) -> float:
@@ -353,10 +404,13 @@ class TokenData:
         return t.to(self.device)
 
 
-def micro_batch_loss(train_model, model: Transformer, teacher, data: TokenData, x, y, doc_ids, it: int,
+def micro_batch_loss(train_model, model: Transformer, teacher, policy, data: TokenData, batch, it: int,
                      accum_steps: int):
     """One micro-batch's loss, weighted by its share of the global batch: (the loss to backpropagate, what the log
-    adds up of it, distillation's (ce, kl) weighted alike, else zeros)."""
+    adds up of it, the objective's metrics weighted alike: distillation's (ce, kl), grpo's, else zeros)."""
+    if policy is not None:
+        return policy.loss(train_model, model, *batch)
+    x, y, doc_ids = batch
     if teacher is None:
         _, loss = train_model(x, y, doc_ids=doc_ids)
         parts = torch.zeros(2, device=loss.device)
@@ -375,9 +429,10 @@ def micro_batch_loss(train_model, model: Transformer, teacher, data: TokenData, 
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
+def evaluate(model: Transformer, data: TokenData, autocast, policy) -> dict:
     """Mean loss and bits per byte on the same eval_iters * batch_size windows of each split every time (a
-    fixed step 0: evaluations compare like with like), spread over the ranks and summed back."""
+    fixed step 0: evaluations compare like with like), spread over the ranks and summed back; grpo adds its
+    pass@1 on held-out problems."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -398,6 +453,9 @@ def evaluate(model: Transformer, data: TokenData, autocast) -> dict:
         all_reduce_sum(sums)
         out[f"{split}_loss"] = (sums[0] / sums[1]).item()
         out[f"{split}_bpb"] = (sums[2] / (math.log(2) * sums[3])).item()
+    if policy is not None:
+        with autocast:
+            out |= policy.evaluate(model)
     model.train()
     return out
 
@@ -708,6 +766,8 @@ def main(argv: list[str]) -> None:
     teacher = Teacher(c, data) if c["objective"] == "distill" else None
     lock = on_rank0(lambda: claim_out_dir(c))  # noqa: F841 (held until the process ends)
     model, engine, progress = build(c, data, model_config, base, rank, device_type)
+    policy = Policy(c, data, model_config, base, rank, world_size) if c["objective"] == "grpo" else None
+    batches = data if policy is None else policy  # where the loop's micro-batches come from
     base = None  # free the loaded copy
     if teacher is not None:
         teacher.claim(progress)
@@ -718,22 +778,25 @@ def main(argv: list[str]) -> None:
     flops_per_token, peak = model.estimate_flops(), peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     comm_theory = engine.theory_bytes(accum_steps)
+    per_step = (f"{tokens_per_iter:,} tokens" if policy is None else
+                f"{c['batch_size'] * c['gradient_accumulation_steps']:,} replies, {c['group_size']} to a prompt,")
     if master:
         announce(config, model, data, f"{world_size} process(es) on {device} in {str(ptdtype).removeprefix('torch.')}, "
-                                      f"{tokens_per_iter:,} tokens per step")
+                                      f"{per_step} per step")
 
     # ---- the loop -----------------------------------------------------------------------------
     iter_num = start_iter = progress["iter_num"]
     t_start = time.time()
     bar = tqdm(total=c["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
-    x, y, doc_ids = data.train_batch(iter_num, 0)
+    batch = batches.train_batch(iter_num, 0)
     while True:
         lr = get_lr(iter_num, config)
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
-            losses = evaluate(model, data, autocast)
+            losses = evaluate(model, data, autocast, policy)
             if master:
+                held_out = f", pass@1 {losses['pass@1']:.1%}" if "pass@1" in losses else ""
                 bar.write(f"iter {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}, "
-                          f"val {losses['val_bpb']:.4f} bits per byte")
+                          f"val {losses['val_bpb']:.4f} bits per byte{held_out}")
                 log_metrics(c["out_dir"], {"iter": iter_num, **losses, "elapsed_s": time.time() - t_start})
             check_finite("validation loss", losses["val_loss"], iter_num, c["out_dir"])
             improved = losses["val_loss"] < progress["best_val_loss"]
@@ -746,18 +809,18 @@ def main(argv: list[str]) -> None:
         t0 = time.time()
         engine.comm_stats()  # count this step's traffic only, not the evaluation's
         loss_sum = torch.zeros((), device=device)
-        parts_sum = torch.zeros(2, device=device)  # distillation: its (ce, kl), weighted as the loss is
+        parts_sum = 0  # the objective's metrics (distillation's ce and kl, grpo's), weighted as the loss is
         for micro_step in range(accum_steps):
             engine.set_sync(micro_step == accum_steps - 1)  # decided before the forward, as DDP's no_sync
             with autocast:
-                loss, logged, parts = micro_batch_loss(train_model, model, teacher, data, x, y, doc_ids, iter_num,
+                loss, logged, parts = micro_batch_loss(train_model, model, teacher, policy, data, batch, iter_num,
                                                        accum_steps)
             loss_sum += logged
-            parts_sum += parts
+            parts_sum = parts_sum + parts
             # Read the next micro-batch while this one is still computing, as nanoGPT does: on CUDA the forward
             # was only queued, so the host's read and the pinned copy overlap the GPU's work.
             last = micro_step == accum_steps - 1
-            x, y, doc_ids = data.train_batch(iter_num + last, 0 if last else micro_step + 1)
+            batch = batches.train_batch(iter_num + last, 0 if last else micro_step + 1)
             engine.backward(scaler.scale(loss))
         # Averaged over the ranks, clipped on the global norm (still computed with clipping off, for the log).
         grad_norm = engine.step(lr, c["grad_clip"], scaler)
@@ -771,12 +834,13 @@ def main(argv: list[str]) -> None:
         bar.update(1)
 
         if iter_num % c["log_interval"] == 0:
-            # The mean over the global batch: over its tokens, or (packed) over its targets.
-            loss = all_reduce_sum(loss_sum / accum_steps if data.packs is None else loss_sum).item() / world_size
-            dt = time.time() - t0  # .item() above waited for the device, so this is the real step time
-            tokens_per_s = tokens_per_iter / dt
+            # The mean over the global batch: over its tokens, or (packed, grpo) over its targets.
+            weighted = data.packs is not None or policy is not None
+            loss = all_reduce_sum(loss_sum if weighted else loss_sum / accum_steps).item() / world_size
+            dt = time.time() - t0  # .item() above waited for the device, so this is the real step time (sampling too)
+            tokens_per_s = (tokens_per_iter if policy is None else policy.step_tokens) / dt
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
-            if teacher is not None:
+            if teacher is not None or policy is not None:
                 parts = (all_reduce_sum(parts_sum) / world_size).tolist()
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -785,6 +849,8 @@ def main(argv: list[str]) -> None:
                           **comm, "comm_bytes_theory": comm_theory}  # per rank, this step
                 if teacher is not None:  # the schedule as applied, and both terms (means over the global batch)
                     record |= {"distill_alpha": teacher.alpha(iter_num - 1), "ce": parts[0], "kl": parts[1]}
+                if policy is not None:  # the step's round of replies and the loss's metrics (token means)
+                    record |= policy.record(parts)
                 if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
                     record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
                 log_metrics(c["out_dir"], record)
