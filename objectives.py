@@ -35,6 +35,22 @@ def token_logprobs(logits, targets):
     return torch.where(is_target, picked, 0.0)
 
 
+def target_rows(sequences, pad_id):
+    """Token sequences, each (ids, mask) with mask 1 on the tokens the loss trains on (tokenizer.render_chat's
+    mask, or a sampled reply's tokens), as one right-padded batch: x (N, T) the inputs, y (N, T) the next token
+    where the mask is 1 and -100 everywhere else (the prompt, the padding), T = the longest sequence - 1. Padding
+    on the right leaves every real token at its own position, so no attention mask is needed: a causal model
+    never looks right."""
+    width = max(len(ids) for ids, _ in sequences) - 1
+    x = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    y = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, (ids, mask) in enumerate(sequences):
+        ids, mask = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        x[row, :len(ids) - 1] = ids[:-1]
+        y[row, :len(ids) - 1] = torch.where(mask[1:], ids[1:], -100)
+    return x, y
+
+
 def sequence_logprobs(logits, targets):
     """log p(reply) = sum over t of log p(token t): (B, T, V), (B, T) -> (B,). What DPO compares."""
     return token_logprobs(logits, targets).sum(-1)

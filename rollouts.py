@@ -5,7 +5,7 @@ a task's prompts (tasks.py); the task's verifier scores them; train.py's one loo
 objectives.policy_gradient_loss over them, micro-batch by micro-batch, through the same DDP/ZeRO engine as
 every other loss.
 
-    python train.py config/grpo_reverse.py      # from an SFT run: sample, score, reinforce
+    python train.py config/grpo_add2.py      # from an SFT run: sample, score, reinforce
 
 The one idea: the baseline is the group. A reply's advantage is its reward minus the mean reward of the
 replies sampled for the same prompt (GRPO, Shao et al. 2024), so no value network is trained: a reply is made
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from eval import replies, reply_tokens
 from model import Transformer
-from objectives import group_advantages, policy_gradient_loss, token_logprobs
+from objectives import group_advantages, policy_gradient_loss, target_rows, token_logprobs
 from parallel import all_reduce_sum
 from tasks import TASKS, examples, reward
 from tokenizer import EOS_ID, IM_END_ID, PAD_ID, Tokenizer
@@ -111,13 +111,7 @@ class Policy:
                 sequences.append((prompt, ids))
                 rewards.append(reward(example, text))
         model.train(model_was_training)
-        width = max(len(p) + len(r) for p, r in sequences) - 1
-        x = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
-        y = torch.full((len(sequences), width), -100, dtype=torch.long)
-        for row, (prompt, reply) in enumerate(sequences):
-            tokens = torch.tensor(prompt + reply)
-            x[row, :len(tokens) - 1] = tokens[:-1]
-            y[row, len(prompt) - 1:len(tokens) - 1] = tokens[len(prompt):]  # (rows, width): the reply's tokens
+        x, y = target_rows([(p + r, [0] * len(p) + [1] * len(r)) for p, r in sequences], PAD_ID)  # (N, T)
         rewards = torch.tensor(rewards, dtype=torch.float64)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.advantages = group_advantages(rewards, self.group_size, self.scale_by_std).float().to(self.device)

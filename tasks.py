@@ -4,6 +4,7 @@ endless streams of conversations whose answer a program can check, each with a d
 
     python tasks.py --task addition --digits 2 --n 20000 --split train --out add2_train.jsonl
     python tasks.py --task countdown --k 4 --n 500 --split test --unique --lang zh --out countdown4_test.jsonl
+    python tasks.py --task reverse --length 6 --n 4000 --pairs samples.jsonl --out reverse_pairs.jsonl  # for DPO
 
     for example in examples("countdown", "train", seed=0, k=4): ...     # endless
     reward(example, "(3 + 5) * 2")                                       # 1.0 when it makes the target
@@ -271,6 +272,54 @@ def generate(task, make, split, rng, prompt, unique):
                "task": task, "answer": fields["answer"], **fields}
 
 
+def corrupted_answer(example: dict, rng: random.Random) -> str:
+    """A wrong reply made from the reference answer: one digit replaced by another digit, or one letter by
+    another letter, so that it looks like an answer (the format is right, the content is not); checked wrong by
+    the task's verifier."""
+    answer = example["answer"]
+    for _ in range(1000):
+        i = rng.randrange(len(answer))
+        kind = string.digits if answer[i].isdigit() else LETTERS if answer[i] in LETTERS else ""
+        if kind:
+            text = answer[:i] + rng.choice(kind.replace(answer[i], "")) + answer[i + 1:]
+            if reward(example, text) < 1:
+                return text
+    raise ValueError(f"no corruption of the answer {answer!r} is wrong")
+
+
+def read_samples(path: str) -> dict[str, list[tuple[str, float]]]:
+    """A model's replies and their rewards, as eval.py --replies writes them, by prompt (its messages as JSON)."""
+    replies = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    *prompt, reply = record["messages"]
+                    replies.setdefault(json.dumps(prompt), []).append((reply["content"], float(record["reward"])))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{lineno} is not a line of eval.py --replies (messages and reward)")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --pairs {path}: {e}") from None
+    return replies
+
+
+def preference_pair(example: dict, samples: dict, rng: random.Random) -> tuple[dict, str, str]:
+    """DPO's pair for one example, in TRL's shape: chosen = one of the model's own right replies (on-policy, what
+    it would write anyway), else the reference answer; rejected = one of its wrong replies, else a corrupted answer.
+    Returns (the pair, whether chosen is the model's, whether rejected is)."""
+    prompt = example["messages"][:-1]
+    replies = samples.get(json.dumps(prompt), [])
+    right = [text for text, r in replies if r == 1]
+    wrong = [text for text, r in replies if r < 1]
+    chosen = rng.choice(right) if right else example["answer"]
+    rejected = rng.choice(wrong) if wrong else corrupted_answer(example, rng)
+    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            **{k: v for k, v in example.items() if k != "messages"}}  # the fields its verifier reads
+    return pair, bool(right), bool(wrong)
+
+
 def add_difficulty_arguments(parser: argparse.ArgumentParser) -> None:
     """--digits, --k, --length: each task's difficulty knob (tasks.py and eval.py take the same flags)."""
     for knob in KNOBS:
@@ -292,23 +341,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lang", choices=LANGS, default="en")
     parser.add_argument("--unique", action="store_true", help="each problem at most once")
+    parser.add_argument("--pairs", nargs="?", const="", metavar="SAMPLES",
+                        help="write DPO preference pairs instead (preference_pair), with a model's replies to the "
+                        "same problems from SAMPLES (eval.py --replies, same --split, --seed and difficulty); "
+                        "without SAMPLES every rejected reply is a corrupted answer")
     add_difficulty_arguments(parser)
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
     difficulty = difficulty_of(args)
-    prompts = set()
+    prompts, sources = set(), Counter()
     try:
+        samples = read_samples(args.pairs) if args.pairs else {}
         stream = examples(args.task, args.split, args.seed, args.lang, args.unique, **difficulty)
+        rng = random.Random(args.seed)
         with atomic_write(args.out, "w") as f:
             for example in itertools.islice(stream, args.n):
                 prompts.add(example["messages"][0]["content"])
+                if args.pairs is not None:
+                    example, *from_model = preference_pair(example, samples, rng)
+                    sources.update(side for side, mine in zip(("chosen", "rejected"), from_model) if mine)
                 f.write(json.dumps(example, ensure_ascii=False) + "\n")
     except ValueError as e:
         parser.error(str(e))
     except OSError as e:  # an --out under a regular file, an existing folder, a read-only folder, a full disk
         raise os_error("tasks.py", e) from None
-    print(f"wrote {args.n} {args.task} {args.split} examples ({len(prompts)} distinct prompts) to {args.out}",
+    what = "pairs" if args.pairs is not None else "examples"
+    counts = (f"; the model's own replies: {sources['chosen']} chosen, {sources['rejected']} rejected"
+              if args.pairs is not None else "")
+    print(f"wrote {args.n} {args.task} {args.split} {what} ({len(prompts)} distinct prompts{counts}) to {args.out}",
           file=sys.stderr)
 
 

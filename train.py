@@ -44,6 +44,7 @@ from objectives import distillation_loss
 from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
                       check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, on_rank0,
                       optimizer_state_shard)
+from preferences import Preferences
 from rollouts import Policy
 from tasks import TASKS
 from tokenizer import PAD_ID, Tokenizer
@@ -92,7 +93,8 @@ lora_targets = "all-linear"  # or comma-separated projection names: wq,wk,wv,wo 
 lora_embeddings = False  # also train the token embedding and head: the chat tokens are new to a pretrained base
 # The objective: "lm" is next-token cross-entropy on the data (pretraining, SFT); "distill" adds a teacher's
 # softened distribution as a second target (objectives.distillation_loss); "grpo" trains on the model's own
-# replies to a task's prompts, scored by its verifier (rollouts.py; data_dir then only gives the val loss)
+# replies to a task's prompts, scored by its verifier (rollouts.py; data_dir then only gives the val loss);
+# "dpo" trains on pairs of a preferred and a rejected reply (preferences.py)
 objective = "lm"
 teacher = ""  # distill: the out_dir of a trained run with the data's tokenizer, frozen during the run
 distill_alpha = 0.5  # distill: the weight of the data's cross-entropy at step 0; the KL to the teacher gets 1 - alpha
@@ -110,6 +112,9 @@ clip_eps = 0.0  # grpo: > 0 clips that ratio to 1 +- clip_eps, PPO's surrogate (
 cispo_clip = 0.0  # grpo: > 0 instead clips the ratio's weight at 1 + cispo_clip, CISPO's form
 kl_beta = 0.0  # grpo: weight of the k3 estimate of KL to the frozen init_from model (logged whatever its weight)
 eval_problems = 200  # grpo: held-out problems whose greedy replies give pass@1 at every evaluation
+dpo_pairs = ""  # dpo: the preference pairs to train on, JSONL (preferences.py); data_dir then only gives the val loss
+dpo_val_pairs = ""  # dpo: held-out pairs, whose preference accuracy every evaluation logs
+dpo_beta = 0.1  # dpo: the scale of the implicit reward beta log(pi / pi_ref); smaller lets pi move further
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
 DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
@@ -120,7 +125,7 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 # Every numeric training key has a valid range, checked before any work (the model's keys: ModelConfig).
 POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
             "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha", "distill_temperature", "max_new_tokens",
-            "temperature", "ppo_epochs", "eval_problems")
+            "temperature", "ppo_epochs", "eval_problems", "dpo_beta")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank",
                 "task_difficulty", "clip_eps", "cispo_clip", "kl_beta")
 
@@ -170,8 +175,8 @@ def check_config(c: dict, world_size: int) -> None:
         raise SystemExit("lora_embeddings trains the embeddings beside LoRA adapters: set lora_rank too")
     if c["lora_rank"] and c["init_from"] == "scratch":
         raise SystemExit("lora_rank > 0 adapts a trained model: set init_from to the out_dir of the run to adapt")
-    if c["objective"] not in ("lm", "distill", "grpo"):
-        raise SystemExit(f"objective must be 'lm', 'distill' or 'grpo', got '{c['objective']}'")
+    if c["objective"] not in ("lm", "distill", "grpo", "dpo"):
+        raise SystemExit(f"objective must be 'lm', 'distill', 'grpo' or 'dpo', got '{c['objective']}'")
     if (c["objective"] == "distill") != bool(c["teacher"]):
         raise SystemExit("objective='distill' needs a teacher (the out_dir of a trained run), and a teacher needs "
                          "objective='distill'")
@@ -180,21 +185,36 @@ def check_config(c: dict, world_size: int) -> None:
     for key in ("distill_alpha", "distill_alpha_final"):
         if not 0 <= c[key] <= 1:
             raise SystemExit(f"{key} must be in [0, 1], got {c[key]}")
-    if c["objective"] == "grpo":
-        check_grpo_config(c, world_size)
-    elif c["task"]:
+    if c["objective"] in ("grpo", "dpo"):
+        check_post_training_config(c, world_size)
+    if c["task"] and c["objective"] != "grpo":
         raise SystemExit(f"task={c['task']!r} is the prompts of objective='grpo': set that objective too")
+    if (c["dpo_pairs"] or c["dpo_val_pairs"]) and c["objective"] != "dpo":
+        raise SystemExit("dpo_pairs and dpo_val_pairs are the data of objective='dpo': set that objective too")
     if c["compile"] and c["zero_stage"] == 3:
         raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
 
 
-def check_grpo_config(c: dict, world_size: int) -> None:
-    """objective = "grpo": what sampling and its rounds need of the rest of the config."""
+def check_post_training_config(c: dict, world_size: int) -> None:
+    """objective = "grpo" or "dpo": the run each starts from, and what its own data needs of the rest."""
+    name = f"objective={c['objective']!r}"
+    if c["init_from"] == "scratch":
+        raise SystemExit(f"{name} improves a model that can already answer: set init_from to the out_dir of a "
+                         "fine-tuned run")
+    if c["dropout"] > 0:
+        raise SystemExit(f"{name} needs dropout=0: it compares the model's log-probabilities with those of a model "
+                         "without dropout (the sampler's, the reference's)")
+    if not c["always_save_checkpoint"]:
+        raise SystemExit(f"{name} saves at every evaluation (always_save_checkpoint=True): its val loss is not what "
+                         "it optimises, so it cannot choose the best checkpoint")
+    if c["objective"] == "dpo":
+        for key in ("dpo_pairs", "dpo_val_pairs"):
+            if not os.path.isfile(c[key]):
+                raise SystemExit(f"objective='dpo' needs {key}, a file of preference pairs (JSONL): {c[key]!r} is "
+                                 "not a file")
+        return
     if c["task"] not in TASKS:
         raise SystemExit(f"objective='grpo' needs task, one of {', '.join(TASKS)}; got {c['task']!r}")
-    if c["init_from"] == "scratch":
-        raise SystemExit("objective='grpo' improves a model that can already answer sometimes: set init_from to the "
-                         "out_dir of a fine-tuned run")
     if c["group_size"] < 2:
         raise SystemExit(f"group_size must be at least 2 (a reply's baseline is the rest of its group), got {c['group_size']}")
     replies = c["batch_size"] * c["gradient_accumulation_steps"] // world_size
@@ -205,12 +225,6 @@ def check_grpo_config(c: dict, world_size: int) -> None:
         raise SystemExit("objective='grpo' samples with as many forwards as its replies are long, different on each "
                          "rank, and parameter sharding (zero_stage=3, fsdp2) gathers in every forward: use zero_stage "
                          "0, 1 or 2")
-    if c["dropout"] > 0:
-        raise SystemExit("objective='grpo' needs dropout=0: the replies are sampled without dropout, and pi / pi_old "
-                         "compares the same function before and after an update")
-    if not c["always_save_checkpoint"]:
-        raise SystemExit("objective='grpo' saves at every evaluation (always_save_checkpoint=True): its val loss "
-                         "is not what it optimises, so it cannot choose the best checkpoint")
     if c["eval_interval"] % c["ppo_epochs"] or c["max_iters"] % c["ppo_epochs"]:
         raise SystemExit(f"eval_interval and max_iters must be multiples of ppo_epochs={c['ppo_epochs']}: a checkpoint "
                          "falls between rounds of replies, so a resumed run samples what the straight run did")
@@ -404,12 +418,12 @@ class TokenData:
         return t.to(self.device)
 
 
-def micro_batch_loss(train_model, model: Transformer, teacher, policy, data: TokenData, batch, it: int,
+def micro_batch_loss(train_model, model: Transformer, teacher, own_data, data: TokenData, batch, it: int,
                      accum_steps: int):
     """One micro-batch's loss, weighted by its share of the global batch: (the loss to backpropagate, what the log
-    adds up of it, the objective's metrics weighted alike: distillation's (ce, kl), grpo's, else zeros)."""
-    if policy is not None:
-        return policy.loss(train_model, model, *batch)
+    adds up of it, the objective's metrics weighted alike: distillation's (ce, kl), grpo's, dpo's, else zeros)."""
+    if own_data is not None:
+        return own_data.loss(train_model, model, *batch)
     x, y, doc_ids = batch
     if teacher is None:
         _, loss = train_model(x, y, doc_ids=doc_ids)
@@ -429,10 +443,9 @@ def micro_batch_loss(train_model, model: Transformer, teacher, policy, data: Tok
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data: TokenData, autocast, policy) -> dict:
+def evaluate(model: Transformer, data: TokenData, autocast, own_data) -> dict:
     """Mean loss and bits per byte on the same eval_iters * batch_size windows of each split every time (a
-    fixed step 0: evaluations compare like with like), spread over the ranks and summed back; grpo adds its
-    pass@1 on held-out problems."""
+    fixed step 0: evaluations compare like with like), spread over the ranks and summed back."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -453,9 +466,9 @@ def evaluate(model: Transformer, data: TokenData, autocast, policy) -> dict:
         all_reduce_sum(sums)
         out[f"{split}_loss"] = (sums[0] / sums[1]).item()
         out[f"{split}_bpb"] = (sums[2] / (math.log(2) * sums[3])).item()
-    if policy is not None:
+    if own_data is not None:  # grpo's pass@1, dpo's preference accuracy, on their held-out sets
         with autocast:
-            out |= policy.evaluate(model)
+            out |= own_data.evaluate(model)
     model.train()
     return out
 
@@ -502,6 +515,17 @@ class Teacher:
             teacher_logits, _ = self.model(x, doc_ids=doc_ids)
         loss, parts = distillation_loss(logits, teacher_logits, y, self.alpha(it), self.temperature)
         return loss + model.balance_penalty(), torch.stack([parts["ce"], parts["kl"]])
+
+
+def objective_data(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None, rank: int,
+                   world_size: int, autocast):
+    """grpo's sampled replies (rollouts.Policy) or dpo's pairs (preferences.Preferences): the objectives that
+    bring their own micro-batches and loss, and need the run they start from as a reference; else None."""
+    if c["objective"] == "grpo":
+        return Policy(c, data, model_config, base, rank, world_size)
+    if c["objective"] == "dpo":
+        return Preferences(c, data, model_config, base, rank, world_size, autocast)
+    return None
 
 
 def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, device: str) -> dict:
@@ -766,8 +790,8 @@ def main(argv: list[str]) -> None:
     teacher = Teacher(c, data) if c["objective"] == "distill" else None
     lock = on_rank0(lambda: claim_out_dir(c))  # noqa: F841 (held until the process ends)
     model, engine, progress = build(c, data, model_config, base, rank, device_type)
-    policy = Policy(c, data, model_config, base, rank, world_size) if c["objective"] == "grpo" else None
-    batches = data if policy is None else policy  # where the loop's micro-batches come from
+    own_data = objective_data(c, data, model_config, base, rank, world_size, autocast)
+    batches = data if own_data is None else own_data  # where the loop's micro-batches come from
     base = None  # free the loaded copy
     if teacher is not None:
         teacher.claim(progress)
@@ -778,8 +802,9 @@ def main(argv: list[str]) -> None:
     flops_per_token, peak = model.estimate_flops(), peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     comm_theory = engine.theory_bytes(accum_steps)
-    per_step = (f"{tokens_per_iter:,} tokens" if policy is None else
-                f"{c['batch_size'] * c['gradient_accumulation_steps']:,} replies, {c['group_size']} to a prompt,")
+    rows = c["batch_size"] * c["gradient_accumulation_steps"]
+    per_step = {"grpo": f"{rows:,} replies, {c['group_size']} to a prompt,", "dpo": f"{rows:,} pairs"}.get(
+        c["objective"], f"{tokens_per_iter:,} tokens")
     if master:
         announce(config, model, data, f"{world_size} process(es) on {device} in {str(ptdtype).removeprefix('torch.')}, "
                                       f"{per_step} per step")
@@ -792,9 +817,9 @@ def main(argv: list[str]) -> None:
     while True:
         lr = get_lr(iter_num, config)
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
-            losses = evaluate(model, data, autocast, policy)
+            losses = evaluate(model, data, autocast, own_data)
             if master:
-                held_out = f", pass@1 {losses['pass@1']:.1%}" if "pass@1" in losses else ""
+                held_out = "".join(f", {k} {losses[k]:.1%}" for k in ("pass@1", "preference_accuracy") if k in losses)
                 bar.write(f"iter {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}, "
                           f"val {losses['val_bpb']:.4f} bits per byte{held_out}")
                 log_metrics(c["out_dir"], {"iter": iter_num, **losses, "elapsed_s": time.time() - t_start})
@@ -813,7 +838,7 @@ def main(argv: list[str]) -> None:
         for micro_step in range(accum_steps):
             engine.set_sync(micro_step == accum_steps - 1)  # decided before the forward, as DDP's no_sync
             with autocast:
-                loss, logged, parts = micro_batch_loss(train_model, model, teacher, policy, data, batch, iter_num,
+                loss, logged, parts = micro_batch_loss(train_model, model, teacher, own_data, data, batch, iter_num,
                                                        accum_steps)
             loss_sum += logged
             parts_sum = parts_sum + parts
@@ -835,12 +860,12 @@ def main(argv: list[str]) -> None:
 
         if iter_num % c["log_interval"] == 0:
             # The mean over the global batch: over its tokens, or (packed, grpo) over its targets.
-            weighted = data.packs is not None or policy is not None
+            weighted = data.packs is not None or own_data is not None
             loss = all_reduce_sum(loss_sum if weighted else loss_sum / accum_steps).item() / world_size
             dt = time.time() - t0  # .item() above waited for the device, so this is the real step time (sampling too)
-            tokens_per_s = (tokens_per_iter if policy is None else policy.step_tokens) / dt
+            tokens_per_s = (tokens_per_iter if own_data is None else own_data.step_tokens) / dt
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
-            if teacher is not None or policy is not None:
+            if teacher is not None or own_data is not None:
                 parts = (all_reduce_sum(parts_sum) / world_size).tolist()
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -849,8 +874,8 @@ def main(argv: list[str]) -> None:
                           **comm, "comm_bytes_theory": comm_theory}  # per rank, this step
                 if teacher is not None:  # the schedule as applied, and both terms (means over the global batch)
                     record |= {"distill_alpha": teacher.alpha(iter_num - 1), "ce": parts[0], "kl": parts[1]}
-                if policy is not None:  # the step's round of replies and the loss's metrics (token means)
-                    record |= policy.record(parts)
+                if own_data is not None:  # the step's round of replies and the loss's metrics (token means)
+                    record |= own_data.record(parts)
                 if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
                     record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
                 log_metrics(c["out_dir"], record)

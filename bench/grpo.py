@@ -1,9 +1,9 @@
 """
-bench/grpo.py: reinforcement learning on verifiable rewards, measured: config/grpo_reverse.py from an SFT run
-that reverses about half of the held-out 6-letter strings, scored before and after on the same 500 problems.
+bench/grpo.py: reinforcement learning on verifiable rewards, measured: config/grpo_add2.py from an SFT run half
+way through learning 2-digit addition, scored before and after on the same 500 held-out problems.
 
-    python bench/grpo.py                            # pretrains cpu_demo and fine-tunes it first (about 17 minutes)
-    python bench/grpo.py --sft out/bench_sft/sft_reverse    # or starts from a config/sft_reverse.py run
+    python bench/grpo.py                             # pretrains cpu_demo and fine-tunes it first (about 12 minutes)
+    python bench/grpo.py --sft out/bench_sft/sft300_add2     # or starts from that SFT run (bench/sft.py's row)
 
 pass@1 is the greedy reply's exact match, as eval.py scores it by default; pass@8 comes from 8 replies per
 problem sampled at temperature 1 (eval.py's unbiased estimator), the replies RL samples and learns from. RL
@@ -20,15 +20,15 @@ import time
 
 from sft import ROWS, cpu_demo_run, fine_tune, records, run
 
-TASK = ["--task", "reverse", "--length", "6"]
+TASK = ["--task", "addition", "--digits", "2"]
 
 
 def sft_start(args) -> tuple[str, str]:
-    """(out_dir, data_dir) of the SFT run to start from: --sft, or sft_reverse fine-tuned here from a cpu_demo base
-    (bench/sft.py's row, the same data and config)."""
+    """(out_dir, data_dir) of the SFT run to start from: --sft, or bench/sft.py's sft300_add2 row fine-tuned here from
+    a cpu_demo base."""
     if args.sft is None:
         base = cpu_demo_run(args.base, args.work_dir, "--base")
-        [(_, run_name, task, config, extra)] = [row for row in ROWS if row[1] == "sft_reverse"]
+        [(_, run_name, task, config, extra)] = [row for row in ROWS if row[1] == "sft300_add2"]
         fine_tune(args.work_dir, base, run_name, task, config, extra)
         args.sft = os.path.join(args.work_dir, run_name)
     if not os.path.isfile(os.path.join(args.sft, "config.json")):
@@ -52,7 +52,7 @@ def score(out_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sft", help="a config/sft_reverse.py out_dir to start from (default: make one)")
+    parser.add_argument("--sft", help="an SFT out_dir to start from (default: make sft300_add2)")
     parser.add_argument("--base", help="without --sft: a cpu_demo out_dir to fine-tune (default: pretrain one)")
     parser.add_argument("--work_dir", default="out/bench_sft", help="where data and checkpoints go")
     parser.add_argument("--args", nargs="*", default=[], help="extra train.py arguments for the GRPO run")
@@ -60,8 +60,8 @@ def main() -> None:
     t0 = time.time()
     sft, data = sft_start(args)
     before = score(sft)
-    out_dir = os.path.join(args.work_dir, "grpo_reverse")
-    run([sys.executable, "train.py", "config/grpo_reverse.py", f"--init_from={sft}", f"--data_dir={data}",
+    out_dir = os.path.join(args.work_dir, "grpo_add2")
+    run([sys.executable, "train.py", "config/grpo_add2.py", f"--init_from={sft}", f"--data_dir={data}",
          f"--out_dir={out_dir}", "--overwrite=True", *args.args])
     after = score(out_dir)
     steps = records(out_dir, "reward")
@@ -70,7 +70,7 @@ def main() -> None:
              "|---|---|---|---|---|---|",
              f"| SFT ({sft}) | | {before['pass@1']:.1%} | {before['sampled pass@1']:.1%} | {before['pass@8']:.1%} | "
              f"{steps[0]['reward']:.3f} (step 1) |",
-             f"| + GRPO ({' '.join(['config/grpo_reverse.py', *args.args])}) | {minutes:.1f} min, {len(steps)} steps | "
+             f"| + GRPO ({' '.join(['config/grpo_add2.py', *args.args])}) | {minutes:.1f} min, {len(steps)} steps | "
              f"{after['pass@1']:.1%} | {after['sampled pass@1']:.1%} | {after['pass@8']:.1%} | "
              f"{sum(r['reward'] for r in steps[-20:]) / len(steps[-20:]):.3f} (last 20 steps) |"]
     curve = [f"{r['iter']}: {r['pass@1']:.1%}" for r in records(out_dir, "pass@1")]

@@ -1,7 +1,7 @@
 """
 bench/plot_metrics.py: curves from the metrics.jsonl of one or more runs, one panel per key, as a PNG.
 
-    python bench/plot_metrics.py out/grpo_reverse --keys pass@1 reward kl --out bench/grpo_reverse.png
+    python bench/plot_metrics.py out/grpo_add2 --keys pass@1 reward kl --out bench/grpo_add2.png
 
 A key is any field of metrics.jsonl (train.py writes one record per logged step and one per evaluation); each
 panel plots the records that hold it against the step. Needs matplotlib (pip install ".[plot]"), which nothing

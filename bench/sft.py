@@ -35,6 +35,9 @@ ROWS = [
      "config/sft_add2.py", [*LORA, "--lora_embeddings=True", "--max_iters=500", "--lr_decay_iters=500"]),
     ("SFT", "sft_add3", ["--task", "addition", "--digits", "3"], "config/sft_add3.py", []),
     ("SFT", "sft_reverse", ["--task", "reverse", "--length", "6"], "config/sft_reverse.py", []),
+    # Half way through learning the task: the start of bench/grpo.py and bench/dpo.py.
+    ("SFT, 300 steps", "sft300_add2", ["--task", "addition", "--digits", "2"], "config/sft_add2.py",
+     ["--max_iters=300", "--lr_decay_iters=300"]),
 ]
 TRAIN_PROBLEMS = 20000
 

@@ -51,3 +51,20 @@ def trained_ckpt(prepared_data, tmp_path_factory) -> str:
                     "--warmup_iters=5", "--lr_decay_iters=40", "--learning_rate=3e-3"],
                    cwd=ROOT, check=True, capture_output=True)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def addition_sft(trained_ckpt, prepared_data, tmp_path_factory):
+    """(out_dir, data_dir) of trained_ckpt fine-tuned on one-digit additions (tasks.py) for 300 steps, the start of
+    the RL and DPO tests: its prompts fit the 64-token window with room for a reply."""
+    root = tmp_path_factory.mktemp("addition_sft")
+    for args in (["tasks.py", "--task", "addition", "--digits", "1", "--n", "2000", "--out", str(root / "add.jsonl")],
+                 ["prepare_data.py", "--chat", "--input", str(root / "add.jsonl"), "--out", str(root / "data"),
+                  "--tokenizer", os.path.join(prepared_data, "tokenizer.model"), "--no_near_dedup", "--workers", "1",
+                  "--val_fraction", "0.1"],
+                 ["train.py", f"--init_from={trained_ckpt}", f"--data_dir={root / 'data'}", f"--out_dir={root / 'sft'}",
+                  "--batch_size=8", "--max_iters=300", "--eval_interval=300", "--eval_iters=2", "--warmup_iters=2",
+                  "--lr_decay_iters=300", "--learning_rate=3e-3"]):
+        subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=ROOT, check=True,
+                       capture_output=True)
+    return str(root / "sft"), str(root / "data")

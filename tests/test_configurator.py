@@ -60,9 +60,14 @@ def test_auto_device_is_this_ranks_gpu_or_the_cpu_and_dtype_is_checked():
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
-def test_every_shipped_config_file_sets_only_train_keys_of_their_types(name, trained_ckpt):
+def test_every_shipped_config_file_sets_only_train_keys_of_their_types(name, trained_ckpt, tmp_path):
     import train
 
     config = load_config(train.DEFAULTS, [os.path.join(ROOT, "config", name)])
-    # init_from and teacher name runs made first (their README commands): here, scratch and a run there is.
-    train.check_config({**config, "init_from": "scratch", "teacher": config["teacher"] and trained_ckpt}, world_size=1)
+    # init_from, teacher and the pair files name what their README commands make first: here, scratch (a run there
+    # is for grpo and dpo, which refuse scratch) and files there are.
+    (tmp_path / "pairs.jsonl").write_text("")
+    start = trained_ckpt if config["objective"] in ("grpo", "dpo") else "scratch"
+    train.check_config({**config, "init_from": start, "teacher": config["teacher"] and trained_ckpt,
+                        "dpo_pairs": config["dpo_pairs"] and str(tmp_path / "pairs.jsonl"),
+                        "dpo_val_pairs": config["dpo_val_pairs"] and str(tmp_path / "pairs.jsonl")}, world_size=1)

@@ -3,16 +3,15 @@ per-reply log-probabilities from unpadded forwards in float64), the same steps o
 resumed run equal to the straight one, and the configurations it refuses."""
 
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from test_train import ROOT, assert_same_weights, records, run, weights
+from test_train import assert_same_weights, records, run, weights
 
-# The fine-tuned tiny model answers about 1 in 20 one-digit additions right when sampling at temperature 1, so
+# addition_sft (conftest) answers about 1 in 20 one-digit additions right when sampling at temperature 1, so
 # some groups of 4 hold both a right and a wrong reply: their advantages, and the gradient, are not zero.
 GRPO = ["--objective=grpo", "--task=addition", "--task_difficulty=1", "--batch_size=8",
         "--gradient_accumulation_steps=2", "--group_size=4", "--max_new_tokens=8", "--eval_problems=20",
@@ -20,34 +19,17 @@ GRPO = ["--objective=grpo", "--task=addition", "--task_difficulty=1", "--batch_s
         "--eval_interval=2"]
 
 
-@pytest.fixture(scope="module")
-def sft_run(trained_ckpt, prepared_data, tmp_path_factory):
-    """(out_dir, data_dir) of trained_ckpt fine-tuned on one-digit additions (tasks.py), whose prompts fit its
-    64-token window with room for a reply."""
-    root = tmp_path_factory.mktemp("grpo")
-    for args in (["tasks.py", "--task", "addition", "--digits", "1", "--n", "2000", "--out", str(root / "add.jsonl")],
-                 ["prepare_data.py", "--chat", "--input", str(root / "add.jsonl"), "--out", str(root / "data"),
-                  "--tokenizer", os.path.join(prepared_data, "tokenizer.model"), "--no_near_dedup", "--workers", "1",
-                  "--val_fraction", "0.1"],
-                 ["train.py", f"--init_from={trained_ckpt}", f"--data_dir={root / 'data'}", f"--out_dir={root / 'sft'}",
-                  "--batch_size=8", "--max_iters=300", "--eval_interval=300", "--eval_iters=2", "--warmup_iters=2",
-                  "--lr_decay_iters=300", "--learning_rate=3e-3"]):
-        subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=ROOT, check=True,
-                       capture_output=True)
-    return str(root / "sft"), str(root / "data")
-
-
-def grpo(sft_run, out_dir, *args):
-    return [f"--init_from={sft_run[0]}", f"--data_dir={sft_run[1]}", f"--out_dir={out_dir}", *GRPO, *args]
+def grpo(addition_sft, out_dir, *args):
+    return [f"--init_from={addition_sft[0]}", f"--data_dir={addition_sft[1]}", f"--out_dir={out_dir}", *GRPO, *args]
 
 
 def steps(out_dir):
     return [r for r in records(out_dir) if "loss" in r]
 
 
-def test_one_process_and_two_ranks_sample_the_same_replies_and_take_the_same_steps(tmp_path, sft_run):
-    run(grpo(sft_run, tmp_path / "one"))
-    run(grpo(sft_run, tmp_path / "two"), launcher=(sys.executable, "-m", "torch.distributed.run",
+def test_one_process_and_two_ranks_sample_the_same_replies_and_take_the_same_steps(tmp_path, addition_sft):
+    run(grpo(addition_sft, tmp_path / "one"))
+    run(grpo(addition_sft, tmp_path / "two"), launcher=(sys.executable, "-m", "torch.distributed.run",
                                                    "--nproc_per_node=2"))
     one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
     assert len(one) == len(two) == 4
@@ -65,11 +47,11 @@ def test_one_process_and_two_ranks_sample_the_same_replies_and_take_the_same_ste
     assert one[0]["kl"] == 0 and one[-1]["kl"] > 0  # the policy starts as its reference, then leaves it
 
 
-def test_resume_samples_and_steps_as_the_straight_run_with_ppo_epochs_clip_and_kl(tmp_path, sft_run):
+def test_resume_samples_and_steps_as_the_straight_run_with_ppo_epochs_clip_and_kl(tmp_path, addition_sft):
     options = ["--ppo_epochs=2", "--clip_eps=0.2", "--kl_beta=0.1", "--scale_by_std=True"]
-    run(grpo(sft_run, tmp_path / "straight", *options))
-    run(grpo(sft_run, tmp_path / "resumed", *options, "--max_iters=2"))
-    run(grpo(sft_run, tmp_path / "resumed", *options, "--init_from=resume"))
+    run(grpo(addition_sft, tmp_path / "straight", *options))
+    run(grpo(addition_sft, tmp_path / "resumed", *options, "--max_iters=2"))
+    run(grpo(addition_sft, tmp_path / "resumed", *options, "--init_from=resume"))
     a, b = records(tmp_path / "straight"), records(tmp_path / "resumed")
     drop = ("elapsed_s", "tokens_per_s", "mfu", "comm_wait_s", "sample_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
@@ -80,24 +62,24 @@ def test_resume_samples_and_steps_as_the_straight_run_with_ppo_epochs_clip_and_k
     assert rounds[0]["reward"] == rounds[1]["reward"] and rounds[2]["reward"] == rounds[3]["reward"]
 
 
-def policy_of(sft_run, **overrides):
+def policy_of(addition_sft, **overrides):
     """A Policy as train.py builds it, for one process, and the model it would train."""
     from model import ModelConfig, Transformer
     from rollouts import Policy
     from train import DEFAULTS
 
-    base = torch.load(os.path.join(sft_run[0], "ckpt.pt"), weights_only=False)
+    base = torch.load(os.path.join(addition_sft[0], "ckpt.pt"), weights_only=False)
     c = DEFAULTS | base["config"] | {"objective": "grpo", "task": "addition", "task_difficulty": 1,
                                      "batch_size": 4, "gradient_accumulation_steps": 3, "group_size": 4,
                                      "max_new_tokens": 8, "eval_problems": 8, "seed": 4} | overrides
-    data = SimpleNamespace(tokenizer_path=os.path.join(sft_run[1], "tokenizer.model"), device="cpu")
+    data = SimpleNamespace(tokenizer_path=os.path.join(addition_sft[1], "tokenizer.model"), device="cpu")
     model_config = ModelConfig(**base["model_config"])
     model = Transformer(model_config)
     model.load_state_dict(base["model"])
     return Policy(c, data, model_config, base, 0, 1), model
 
 
-def test_the_step_gradient_is_reinforce_over_every_reply_token_of_the_round(sft_run):
+def test_the_step_gradient_is_reinforce_over_every_reply_token_of_the_round(addition_sft):
     """The loss over the round's three micro-batches, as the loop accumulates it, against the hand-written
     REINFORCE objective -(1 / reply tokens) sum_i A_i sum_t log pi(token t of reply i), each reply's log-probability
     computed from its own prompt + reply, unpadded, in float64."""
@@ -105,7 +87,7 @@ def test_the_step_gradient_is_reinforce_over_every_reply_token_of_the_round(sft_
     from tasks import reward
     from tokenizer import IM_END_ID
 
-    policy, model = policy_of(sft_run)  # seed 4: two of its round's three groups hold a right and a wrong reply
+    policy, model = policy_of(addition_sft)  # seed 4: two of its round's three groups hold a right and a wrong reply
     model.train()
     for micro_step in range(3):
         loss, _, _ = policy.loss(model, model, 0, micro_step)
@@ -150,20 +132,20 @@ def test_the_step_gradient_is_reinforce_over_every_reply_token_of_the_round(sft_
     ({"clip_eps": 0.2, "cispo_clip": 1.0}, "set one of them"),
 ])
 def test_grpo_settings_that_cannot_work_are_one_sentence(overrides, message):
-    from train import DEFAULTS, check_grpo_config
+    from train import DEFAULTS, check_post_training_config
 
     good = DEFAULTS | {"objective": "grpo", "task": "addition", "init_from": "out/sft", "batch_size": 8,
                        "gradient_accumulation_steps": 2, "group_size": 4, "max_iters": 8, "eval_interval": 4}
-    check_grpo_config(good, 1)
+    check_post_training_config(good, 1)
     with pytest.raises(SystemExit, match=message):
-        check_grpo_config(good | overrides, 1)
+        check_post_training_config(good | overrides, 1)
 
 
-def test_a_task_without_grpo_and_a_prompt_too_long_for_the_window_are_refused(tmp_path, sft_run):
+def test_a_task_without_grpo_and_a_prompt_too_long_for_the_window_are_refused(tmp_path, addition_sft):
     from train import DEFAULTS, check_config
 
     with pytest.raises(SystemExit, match="set that objective too"):
         check_config(DEFAULTS | {"task": "addition"}, 1)
-    result = run(grpo(sft_run, tmp_path / "long", "--max_new_tokens=40"), check=False)
+    result = run(grpo(addition_sft, tmp_path / "long", "--max_new_tokens=40"), check=False)
     assert result.returncode != 0 and "longer than the model's block_size=64" in result.stderr
     assert "Traceback" not in result.stderr

@@ -191,3 +191,33 @@ def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, out, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
     assert (tmp_path / "file").read_text() == "keep"
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_pairs_prefer_a_right_reply_to_a_wrong_one_and_take_the_models_own_where_it_has_them(tmp_path):
+    # A model's samples as eval.py --replies writes them: for the first problem one right and two wrong replies,
+    # for the second only a wrong one, for the rest none.
+    problems = take(5, "addition", "train", 0, digits=2)
+    samples = [(problems[0], problems[0]["answer"], 1.0), (problems[0], "17", 0.0), (problems[0], "about 5", 0.0),
+               (problems[1], "3", 0.0)]
+    with open(tmp_path / "samples.jsonl", "w") as f:
+        for problem, reply, score in samples:
+            f.write(json.dumps({"messages": [*problem["messages"][:-1], {"role": "assistant", "content": reply}],
+                                "reward": score}) + "\n")
+    for task, (_, _, (knob, *_)) in TASKS.items():  # without samples: every task's answer can be corrupted
+        result = run("--task", task, f"--{knob}", "3", "--n", "20", "--pairs", "--out", f"{task}.jsonl", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        for line in (tmp_path / f"{task}.jsonl").read_text().splitlines():
+            pair = json.loads(line)
+            example = {**pair, "messages": pair["prompt"]}
+            assert reward(example, pair["chosen"][0]["content"]) == 1.0
+            assert reward(example, pair["rejected"][0]["content"]) < 1.0
+    result = run("--task", "addition", "--n", "5", "--pairs", "samples.jsonl", "--out", "pairs.jsonl", cwd=tmp_path)
+    assert result.returncode == 0 and "the model's own replies: 1 chosen, 2 rejected" in result.stderr
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in pairs] == [p["messages"][:-1] for p in problems]
+    assert pairs[0]["rejected"][0]["content"] in ("17", "about 5") and pairs[1]["rejected"][0]["content"] == "3"
+    assert all(p["chosen"][0]["content"] == problem["answer"] for p, problem in zip(pairs, problems))
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
+    result = run("--task", "addition", "--n", "5", "--pairs", "bad.jsonl", "--out", "x.jsonl", cwd=tmp_path)
+    assert result.returncode != 0 and "bad.jsonl:1 is not a line of eval.py --replies" in result.stderr
+    assert not (tmp_path / "x.jsonl").exists()

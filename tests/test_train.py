@@ -145,7 +145,7 @@ def test_a_fresh_run_refuses_an_out_dir_holding_a_run_unless_told_to_overwrite(t
     ("--block_size=0", "block_size must be positive, got 0"),
     ("--device=cuda" if not torch.cuda.is_available() else "--device=cuda:99", "device=cuda"),
     ("--device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    ("--objective=ppo", "objective must be 'lm', 'distill' or 'grpo', got 'ppo'"),
+    ("--objective=ppo", "objective must be 'lm', 'distill', 'grpo' or 'dpo', got 'ppo'"),
     ("--objective=distill", "objective='distill' needs a teacher"),
     ("--teacher=nowhere", "a teacher needs objective='distill'"),
     ("--distill_alpha=1.5", "distill_alpha must be in [0, 1], got 1.5"),
