@@ -115,6 +115,7 @@ eval_problems = 200  # grpo: held-out problems whose greedy replies give pass@1 
 dpo_pairs = ""  # dpo: the preference pairs to train on, JSONL (preferences.py); data_dir then only gives the val loss
 dpo_val_pairs = ""  # dpo: held-out pairs, whose preference accuracy every evaluation logs
 dpo_beta = 0.1  # dpo: the scale of the implicit reward beta log(pi / pi_ref); smaller lets pi move further
+dpo_nll_weight = 0.0  # dpo: > 0 adds that times the chosen reply's per-token cross-entropy (RPO), 0 is plain DPO
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
 DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
@@ -127,7 +128,7 @@ POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradie
             "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha", "distill_temperature", "max_new_tokens",
             "temperature", "ppo_epochs", "eval_problems", "dpo_beta")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank",
-                "task_difficulty", "clip_eps", "cispo_clip", "kl_beta")
+                "task_difficulty", "clip_eps", "cispo_clip", "kl_beta", "dpo_nll_weight")
 
 
 def check_config(c: dict, world_size: int) -> None:

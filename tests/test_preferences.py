@@ -95,16 +95,17 @@ def test_dpo_starts_at_ln2_learns_and_two_ranks_and_a_resume_take_the_same_steps
 
 def test_the_step_gradient_is_dpo_over_the_global_batch_in_float64(addition_sft, pairs):
     """The loss of a step's two micro-batches, as the loop accumulates it, against -mean log sigmoid(beta ((pc -
-    rc) - (pr - rr))) over the step's 8 pairs, each log-probability the sum over one reply's tokens from its own
-    unpadded forward in float64 (the reference's from the start weights, the policy's from weights moved off
-    them so that the margins are not 0)."""
+    rc) - (pr - rr))) + w mean(-pc / |chosen|) over the step's 8 pairs, each log-probability the sum over one
+    reply's tokens from its own unpadded forward in float64 (the reference's from the start weights, the
+    policy's from weights moved off them so that the margins are not 0)."""
     from model import ModelConfig, Transformer
     from preferences import Preferences
     from train import DEFAULTS
 
     base = torch.load(os.path.join(addition_sft[0], "ckpt.pt"), weights_only=False)
     c = DEFAULTS | base["config"] | {"objective": "dpo", "dpo_pairs": pairs[0], "dpo_val_pairs": pairs[1],
-                                     "dpo_beta": 0.5, "batch_size": 4, "gradient_accumulation_steps": 2}
+                                     "dpo_beta": 0.5, "dpo_nll_weight": 0.3, "batch_size": 4,
+                                     "gradient_accumulation_steps": 2}
     model_config = ModelConfig(**base["model_config"])
     data = SimpleNamespace(tokenizer_path=os.path.join(addition_sft[1], "tokenizer.model"), device="cpu")
     preferences = Preferences(c, data, model_config, base, 0, 1, torch.autocast("cpu", enabled=False))
@@ -128,14 +129,16 @@ def test_the_step_gradient_is_dpo_over_the_global_batch_in_float64(addition_sft,
         return logp[mask[1:]].sum()
 
     indices = preferences.pair_indices(5, 0) + preferences.pair_indices(5, 1)
-    margins = []
+    margins, chosen_nll = [], []
     for i in indices:
         (chosen, rejected) = preferences.pairs["train"][i]
         with torch.no_grad():
             ref = torch.stack([logprob(reference, *chosen), logprob(reference, *rejected)])
         assert torch.allclose(preferences.reference_logprobs["train"][i], ref, atol=1e-4)
-        margins.append(0.5 * ((logprob(policy, *chosen) - ref[0]) - (logprob(policy, *rejected) - ref[1])))
-    loss = -torch.nn.functional.logsigmoid(torch.stack(margins)).mean()
+        chosen_logprob = logprob(policy, *chosen)
+        margins.append(0.5 * ((chosen_logprob - ref[0]) - (logprob(policy, *rejected) - ref[1])))
+        chosen_nll.append(-chosen_logprob / sum(chosen[1][1:]))  # per token of the chosen reply
+    loss = -torch.nn.functional.logsigmoid(torch.stack(margins)).mean() + 0.3 * torch.stack(chosen_nll).mean()
     loss.backward()
     assert sorted(set(indices)) == sorted(indices)  # 8 different pairs: one epoch's permutation
     for name, p in policy.named_parameters():
