@@ -171,3 +171,26 @@ def test_cli_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path):
     assert result.returncode == 1 and "is not a folder" in result.stderr
     result = export_cli("--ckpt", trained_ckpt, "--out", str(tmp_path / "file" / "hf"))  # a folder under a file
     assert result.returncode == 1 and "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("family", ["llama_gqa_tied", "mla_with_q_lora"])
+def test_beam_search_gives_the_tokens_of_transformers_beam_search(family, tmp_path):
+    model = lively_model(**FAMILIES[family][0])
+    _, hf = export_and_load(model, tmp_path)
+    generator = torch.Generator().manual_seed(2)
+    ended_early = 0
+    for length in (3, 5, 8):  # three prompts, each under four settings of the search
+        prompt = torch.randint(3, 64, (1, length), generator=generator)
+        free = model.beam_search(prompt, 12, 4)  # stop ids the search meets: tokens its best hypothesis holds
+        for num_beams, length_penalty, early_stopping, stop_ids in ((4, 1.0, False, free[0][3:4]),
+                                                                     (3, 0.5, True, free[0][2:4]),
+                                                                     (5, 2.0, "never", free[0][5:6]),
+                                                                     (2, 1.0, False, [])):
+            ours = model.beam_search(prompt, 12, num_beams, stop_ids, length_penalty, early_stopping)[0]
+            theirs = hf.generate(prompt, max_new_tokens=12, num_beams=num_beams, do_sample=False,
+                                 length_penalty=length_penalty, early_stopping=early_stopping, pad_token_id=0,
+                                 eos_token_id=stop_ids or None)[0, length:].tolist()
+            # transformers returns the best hypothesis padded to the longest it kept
+            assert ours == theirs[:len(ours)] and set(theirs[len(ours):]) <= {0}, (num_beams, ours, theirs)
+            ended_early += len(ours) < 12
+    assert ended_early > 0  # some hypotheses ended at a stop id, so that rule was compared too
