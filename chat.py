@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import resolve_device
-from sample import TextStream, add_sampling_arguments, check_sampling_arguments
+from sample import TextStream, add_sampling_arguments, check_sampling_arguments, generation_options
 from tokenizer import EOS_ID, IM_END_ID
 
 
@@ -42,12 +42,11 @@ def reply(model, tokenizer, messages: list[dict], args: argparse.Namespace, out)
               f"{limit} (/reset starts afresh)", file=sys.stderr)
         ids = ids[-limit:]
     idx = torch.tensor([ids], dtype=torch.long, device=model.wte.weight.device)
-    stream = TextStream(tokenizer, out)
+    stream = TextStream(tokenizer, out, args.stop)
     try:
-        for token in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
-            if token.item() in (IM_END_ID, EOS_ID):
+        for token in model.generate(idx, args.max_new_tokens, **generation_options(args, [IM_END_ID, EOS_ID])):
+            if token.item() in (IM_END_ID, EOS_ID) or stream.add(token.item()):
                 break
-            stream.add(token.item())
     except KeyboardInterrupt:
         # The history must hold what the user saw, not the half character still waiting for its bytes.
         out.write("\n")

@@ -664,6 +664,15 @@ class KVCache:
         return tuple(stored[layer, :, :, : self.length] for stored in self.tensors)
 
 
+def penalize_repetition(logits, tokens, is_real, penalty):
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers applies it: every token already in the row
+    (prompt included, padding not) has its logit divided by penalty where positive and multiplied where negative,
+    so that penalty > 1 makes it less likely either way (dividing a negative logit would raise it).
+    logits (B, V), tokens and is_real (B, T) -> (B, V)."""
+    seen = torch.zeros_like(logits).scatter_add_(1, tokens, is_real.to(logits.dtype)) > 0
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
     """Pick one token per row from logits (B, vocab) -> (B,). temperature 0 is greedy."""
     if temperature == 0:
@@ -914,8 +923,12 @@ class Transformer(nn.Module):
         return [finished[p, 0, :finished_len[p, 0]].tolist() for p in range(B)]
 
     @torch.inference_mode()  # no autograd bookkeeping at all: each of the many small ops per token costs less
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None):
-        """Yield the next token of every row, (B,), max_new_tokens times, continuing prompts idx (B, T).
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
+                 repetition_penalty=1.0, min_new_tokens=0, stop_ids=()):
+        """Yield the next token of every row, (B,), max_new_tokens times or until every row has yielded one of
+        stop_ids, continuing prompts idx (B, T). The logits are processed as transformers' generate processes
+        them, in its order: repetition_penalty (penalize_repetition), then no stop id before min_new_tokens
+        tokens, then temperature, top_k and top_p (sample_next_token).
 
         The prompt is prefilled into a KV cache, then only the newest token runs each step. When a row's cache is
         full (block_size tokens), it restarts from that row's last block_size // 2 tokens, re-prefilled: a sliding
@@ -931,7 +944,9 @@ class Transformer(nn.Module):
             raise ValueError("generate needs at least one real prompt token in every row (to start a fresh "
                              "document, pass the end-of-text token </s>)")
         tokens, kv_cache, context = idx, None, None  # context[r]: how many of row r's last tokens its cache holds
-        for _ in range(max_new_tokens):
+        stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
+        ended = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
             if kv_cache is None or block in context:
                 if kv_cache is None:
                     context = [min(int(n), block) for n in is_real.sum(dim=1)]
@@ -943,8 +958,16 @@ class Transformer(nn.Module):
             else:
                 logits, _ = self(tokens[:, -1:], kv_cache=kv_cache)
                 context = [n + 1 for n in context]
-            next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p)  # (B,)
+            logits = logits[:, -1].float()  # (B, V)
+            if repetition_penalty != 1.0:
+                logits = penalize_repetition(logits, tokens, is_real, repetition_penalty)
+            if step < min_new_tokens:
+                logits[:, stop_ids] = float("-inf")
+            next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
             yield next_token
+            ended |= torch.isin(next_token, stop_ids)
+            if bool(ended.all()):
+                return
             tokens = torch.cat((tokens, next_token[:, None]), dim=1)
             is_real = torch.cat((is_real, torch.ones_like(next_token[:, None], dtype=torch.bool)), dim=1)
 

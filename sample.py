@@ -3,6 +3,7 @@ sample.py: generate text from a checkpoint written by train.py, streaming tokens
 
     python sample.py --ckpt out/cpu_demo --prompt "def fibonacci(n):" --max_new_tokens 200
     python sample.py --ckpt out/cpu_demo --prompt_file prompt.txt --num_samples 3 --temperature 0
+    python sample.py --ckpt out/cpu_demo --prompt "def " --temperature 0 --num_beams 4 --stop "\n\n"
 
 The one idea: generation is a loop of "one forward pass, pick one token". With a KV cache each step
 feeds only the newest token (keys and values of the earlier ones are kept), so a step costs the
@@ -28,6 +29,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) 
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 makes seen tokens less likely")
+    parser.add_argument("--min_new_tokens", type=int, default=0, help="no end of text before this many tokens")
+    parser.add_argument("--stop", action="append", default=[], help="end where the text holds this string "
+                        "(repeat for several); the string itself is not printed")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
 
@@ -41,28 +46,56 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--top_k must be >= 1")
     if not 0 <= args.seed < 2**63:
         parser.error("--seed must be between 0 and 2**63 - 1")
+    if not 0 < args.repetition_penalty < math.inf:
+        parser.error("--repetition_penalty must be a number > 0 (1 is none)")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        parser.error("--min_new_tokens must be between 0 and --max_new_tokens")
+    if "" in args.stop:
+        parser.error("--stop needs a non-empty string")
+
+
+def generation_options(args: argparse.Namespace, stop_ids) -> dict:
+    """The keyword arguments of Transformer.generate that the command line sets (add_sampling_arguments)."""
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens, stop_ids=stop_ids)
 
 
 class TextStream:
     """Prints generated text as its tokens arrive. Each time, everything generated so far is decoded and what is
     new printed: a character may span several byte-fallback tokens, and an unfinished one decodes to U+FFFD until
-    its last byte comes, so it waits (decoding token by token would print broken characters)."""
+    its last byte comes, so it waits (decoding token by token would print broken characters). With stop strings,
+    the text ends before the first one, and an ending that could be the start of one waits until it is not."""
 
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids, self.printed = [], ""
+    def __init__(self, tokenizer, out, stop=()):
+        self.tokenizer, self.out, self.stop = tokenizer, out, list(stop)
+        self.ids, self.printed, self.stopped = [], "", False
 
-    def add(self, token: int) -> None:
+    def add(self, token: int) -> bool:
+        """Takes one more token; True once the text holds a stop string (the caller stops generating)."""
         self.ids.append(token)
+        text = self.text()
+        if self.stopped:
+            self._write(text)
+        elif not text.endswith("\ufffd"):
+            held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            self._write(text[:len(text) - held])
+        return self.stopped
+
+    def text(self) -> str:
+        """All generated so far, cut before the first stop string (which sets stopped)."""
         text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[len(self.printed):])
-            self.out.flush()
-            self.printed = text
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        self.stopped = bool(cuts)
+        return text[:min(cuts)] if cuts else text
+
+    def _write(self, text: str) -> None:
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
 
     def finish(self) -> str:
         """Prints the rest (an unfinished character as U+FFFD) and a newline; returns the whole text."""
-        text = self.tokenizer.decode(self.ids)
+        text = self.text()
         self.out.write(text[len(self.printed):] + "\n")
         self.out.flush()
         return text
@@ -74,11 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     parser.add_argument("--prompt_file", help="read the prompt from this file instead")
     parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--num_beams", type=int, default=1, help="> 1: beam search (Transformer.beam_search)")
+    parser.add_argument("--length_penalty", type=float, default=1.0, help="beam search: > 0 favours longer text")
     add_sampling_arguments(parser, temperature=0.8)
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)
-    if args.num_samples < 1:
-        parser.error("--num_samples must be >= 1")
+    if args.num_samples < 1 or args.num_beams < 1:
+        parser.error("--num_samples and --num_beams must be >= 1")
+    if args.num_beams > 1 and (args.temperature > 0 or args.repetition_penalty != 1 or args.min_new_tokens):
+        parser.error("--num_beams > 1 is beam search, which does not sample and applies no penalty: pass "
+                     "--temperature 0, without --repetition_penalty and --min_new_tokens")
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -104,15 +142,18 @@ def main(argv: list[str] | None = None) -> None:
         if args.num_samples > 1:
             print(f"\n---------- sample {sample + 1} ----------")
         sys.stdout.write(prompt)
-        stream = TextStream(tokenizer, sys.stdout)
+        stream = TextStream(tokenizer, sys.stdout, args.stop)
         t0 = time.time()
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        for token in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
-            token = token.item()
+        if args.num_beams > 1:  # the best hypothesis is known only at the end
+            tokens = model.beam_search(idx, min(args.max_new_tokens, limit + 1 - len(ids)), args.num_beams,
+                                       [EOS_ID], args.length_penalty)[0]
+        else:
+            tokens = map(int, model.generate(idx, args.max_new_tokens, **generation_options(args, [EOS_ID])))
+        for token in tokens:
             generated += 1
-            if token == EOS_ID:
+            if token == EOS_ID or stream.add(token):
                 break
-            stream.add(token)
         stream.finish()
         seconds += time.time() - t0
     print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s on {device}", file=sys.stderr)

@@ -102,7 +102,7 @@ def test_reply_stops_at_im_end_and_prints_whole_characters_only(trained_ckpt, mo
     ids = tokenizer.encode(text)
     assert len(ids) > len(text), "the characters should need byte-fallback pieces"
     script = ids + [IM_END_ID] + tokenizer.encode("never")
-    monkeypatch.setattr(model, "generate", lambda idx, n, *rest: (torch.tensor([t]) for t in script))
+    monkeypatch.setattr(model, "generate", lambda idx, n, *rest, **options: (torch.tensor([t]) for t in script))
 
     class Out(io.StringIO):
         pieces = []
@@ -112,7 +112,8 @@ def test_reply_stops_at_im_end_and_prints_whole_characters_only(trained_ckpt, mo
             return super().write(s)
 
     out = Out()
-    args = SimpleNamespace(max_new_tokens=50, temperature=0.0, top_k=None, top_p=None)
+    args = SimpleNamespace(max_new_tokens=50, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                           min_new_tokens=0, stop=[])
     assert chat.reply(model, tokenizer, [{"role": "user", "content": "x"}], args, out) == text
     assert out.getvalue() == text + "\n"
     assert not any("\ufffd" in piece for piece in out.pieces)

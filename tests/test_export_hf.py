@@ -194,3 +194,23 @@ def test_beam_search_gives_the_tokens_of_transformers_beam_search(family, tmp_pa
             assert ours == theirs[:len(ours)] and set(theirs[len(ours):]) <= {0}, (num_beams, ours, theirs)
             ended_early += len(ours) < 12
     assert ended_early > 0  # some hypotheses ended at a stop id, so that rule was compared too
+
+
+def test_repetition_penalty_min_new_tokens_and_stop_ids_give_the_tokens_of_transformers(tmp_path):
+    model = lively_model()
+    _, hf = export_and_load(model, tmp_path)
+    generator = torch.Generator().manual_seed(3)
+    replies = set()
+    for length in (3, 6):
+        prompt = torch.randint(3, 64, (1, length), generator=generator)
+        free = torch.cat(list(model.generate(prompt, 12, temperature=0))).tolist()
+        stop = free[2]  # greedy would stop after 3 tokens: min_new_tokens=6 must forbid it until then
+        for penalty in (1.0, 1.3, 0.8):
+            ours = torch.cat(list(model.generate(prompt, 12, temperature=0, repetition_penalty=penalty,
+                                                 min_new_tokens=6, stop_ids=[stop]))).tolist()
+            theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, repetition_penalty=penalty,
+                                 min_new_tokens=6, eos_token_id=stop, pad_token_id=0)[0, length:].tolist()
+            assert ours == theirs, (penalty, ours, theirs)
+            assert stop not in ours[:6] and (stop not in ours or ours.index(stop) == len(ours) - 1)
+            replies.add(tuple(ours))
+    assert len(replies) > 2  # the penalties changed what was generated

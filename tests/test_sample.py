@@ -91,3 +91,52 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(trained_ckpt, tmp_pat
     shutil.copy(tmp_path / "tok" / "tokenizer.model", other / "tokenizer.model")
     result = sample("--ckpt", str(other), "--max_new_tokens", "3")
     assert result.returncode == 1 and "is not the tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+
+class CharTokenizer:
+    """One character per id: TextStream's decoding without a model."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_a_stop_string_ends_the_text_before_it_and_nothing_of_it_is_ever_printed():
+    import io
+
+    from sample import TextStream
+
+    out = io.StringIO()
+    stream = TextStream(CharTokenizer(), out, stop=["END", "\n\n"])
+    printed = []
+    for ch in "ab\nEN?cdE":  # "EN" could start "END" and waits; "?" shows it did not
+        assert not stream.add(ord(ch))
+        printed.append(out.getvalue())
+    # What might begin a stop string waits until it cannot: "\n" (of "\n\n"), then "EN" (of "END").
+    assert printed[1:6] == ["ab", "ab", "ab\n", "ab\n", "ab\nEN?"]
+    assert stream.add(ord("N")) is False and stream.add(ord("D")) is True  # "...cdEND": stopped
+    assert stream.finish() == "ab\nEN?cd" and out.getvalue() == "ab\nEN?cd\n"
+
+
+def test_stop_strings_beam_search_and_the_new_options_from_the_command_line(trained_ckpt):
+    prompt = "def add(a, b):\n"
+    model, tokenizer = load_model(trained_ckpt, "cpu")
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    # The tiny model's greedy continuation is newlines; the penalty makes it write something to stop in.
+    greedy = tokenizer.decode(torch.cat(list(model.generate(ids, 30, temperature=0, repetition_penalty=2.0,
+                                                            stop_ids=[EOS_ID]))).tolist())
+    stop = next(greedy[i:i + 2] for i in range(len(greedy) // 2, len(greedy)) if greedy[i:i + 2].isalnum())
+    result = sample("--ckpt", trained_ckpt, "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "30",
+                    "--repetition_penalty", "2", "--stop", stop)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == prompt + greedy[:greedy.index(stop)] + "\n"
+    best = model.beam_search(ids, 30, 3, [EOS_ID])[0]
+    result = sample("--ckpt", trained_ckpt, "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "30",
+                    "--num_beams", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == prompt + tokenizer.decode([t for t in best if t != EOS_ID]) + "\n"
+    for args, message in ((["--num_beams", "3"], "pass --temperature 0"),
+                          (["--repetition_penalty", "0"], "--repetition_penalty must be a number > 0"),
+                          (["--min_new_tokens", "300"], "--min_new_tokens must be between 0 and --max_new_tokens"),
+                          (["--stop", ""], "--stop needs a non-empty string")):
+        result = sample("--ckpt", trained_ckpt, *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
