@@ -854,74 +854,6 @@ class Transformer(nn.Module):
         d_qk, d_v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.head_dim,) * 2
         return 6.0 * (matmuls - self.unused_expert_params()) + 6.0 * c.n_layer * c.n_head * (d_qk + d_v) * c.block_size
 
-    @torch.inference_mode()
-    def beam_search(self, idx, max_new_tokens, num_beams, stop_ids=(), length_penalty=1.0, early_stopping=False,
-                    attention_mask=None):
-        """The best of num_beams hypotheses for each prompt of idx (B, T), as transformers' generate(num_beams=...,
-        do_sample=False) chooses it: a list of B token lists, each ending with its stop id or at max_new_tokens.
-
-        Each step extends every live beam by every token and keeps the 2 * num_beams best sums of log-probabilities
-        (so that num_beams remain after those ending in a stop id leave); of these, a hypothesis that ends and is
-        among the num_beams best is scored sum / generated_length ** length_penalty (> 0 favours longer ones) and
-        kept if it beats the worst of the num_beams finished so far. The search stops when each prompt's best live
-        beam can no longer beat its worst finished one (early_stopping=False: judged at the current length;
-        "never" with length_penalty > 0: at max_new_tokens), or True: as soon as num_beams hypotheses are done.
-        The KV cache holds one row per beam; after each step it is reordered to follow the beams kept.
-        """
-        B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"beam search keeps the whole sequence in its cache: the prompt ({T}) plus "
-                             f"max_new_tokens ({max_new_tokens}) must fit block_size ({self.config.block_size})")
-        is_real = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        kv_cache = KVCache(self.config, B, T + max_new_tokens, device=idx.device)
-        logits = self(idx, attention_mask=is_real, kv_cache=kv_cache)[0][:, -1]  # (B, V)
-        rows = torch.arange(B, device=idx.device).repeat_interleave(num_beams)  # beam b of prompt p: row p * nb + b
-        kv_cache.select(rows)
-        logits = logits[rows]
-        keep = max(2, 1 + len(stop_ids)) * num_beams
-        stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
-        running = idx.new_zeros(B, num_beams, 0)  # each live beam's tokens so far
-        running_score = torch.full((B, num_beams), -1e9, device=idx.device)
-        running_score[:, 0] = 0  # the beams start identical: only one may be extended at the first step
-        finished = idx.new_zeros(B, num_beams, max_new_tokens)
-        finished_len = idx.new_zeros(B, num_beams)
-        finished_score = torch.full((B, num_beams), -1e9, device=idx.device)
-        is_finished = torch.zeros(B, num_beams, dtype=torch.bool, device=idx.device)
-        can_improve = torch.ones(B, 1, dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
-            scores = F.log_softmax(logits.float(), dim=-1).view(B, num_beams, -1) + running_score[..., None]
-            top_score, top = scores.flatten(1).topk(keep)  # (B, keep): the best continuations of all beams
-            beam, token = top // scores.size(-1), top % scores.size(-1)
-            candidates = torch.cat([running.gather(1, beam[..., None].expand(-1, -1, step)), token[..., None]], dim=2)
-            ends = torch.isin(token, stop_ids) | (step == max_new_tokens - 1)  # a stop id, or the length limit
-            # The live beams of the next step: the best num_beams that did not end.
-            live = (top_score - 1e9 * ends).topk(num_beams).indices
-            running, running_score = candidates.gather(1, live[..., None].expand(-1, -1, step + 1)), \
-                (top_score - 1e9 * ends).gather(1, live)
-            # The finished hypotheses: the best num_beams of those so far and those that ended now among the best.
-            new_score = top_score / (step + 1) ** length_penalty
-            admit = ends & (torch.arange(keep, device=idx.device) < num_beams) & can_improve
-            if early_stopping is True:
-                admit &= ~is_finished.all(dim=1, keepdim=True)
-            merged_score = torch.cat([finished_score, torch.where(admit, new_score, -1e9)], dim=1)
-            best = merged_score.topk(num_beams).indices
-            padded = F.pad(candidates, (0, max_new_tokens - step - 1))
-            finished = torch.cat([finished, padded], dim=1).gather(1, best[..., None].expand(-1, -1, max_new_tokens))
-            finished_len = torch.cat([finished_len, torch.full_like(token, step + 1)], dim=1).gather(1, best)
-            is_finished = torch.cat([is_finished, admit], dim=1).gather(1, best)
-            finished_score = merged_score.gather(1, best)
-            # Can a live beam still beat the worst finished hypothesis? transformers' heuristic, kept as it is.
-            length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else step + 1
-            worst = torch.where(is_finished, finished_score.min(dim=1, keepdim=True).values, -1e9)
-            can_improve &= (running_score[:, :1] / length ** length_penalty > worst).any(dim=1, keepdim=True)
-            done_early = early_stopping is True and bool(is_finished.all())
-            if not bool(can_improve.any()) or done_early or bool(ends.all()) or step == max_new_tokens - 1:
-                break
-            kv_cache.select((torch.arange(B, device=idx.device)[:, None] * num_beams +
-                             beam.gather(1, live)).flatten())
-            logits = self(running[:, :, -1].reshape(-1, 1), kv_cache=kv_cache)[0][:, -1]
-        return [finished[p, 0, :finished_len[p, 0]].tolist() for p in range(B)]
-
     @torch.inference_mode()  # no autograd bookkeeping at all: each of the many small ops per token costs less
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
                  repetition_penalty=1.0, min_new_tokens=0, stop_ids=()):
@@ -971,3 +903,71 @@ class Transformer(nn.Module):
             tokens = torch.cat((tokens, next_token[:, None]), dim=1)
             is_real = torch.cat((is_real, torch.ones_like(next_token[:, None], dtype=torch.bool)), dim=1)
 
+
+@torch.inference_mode()
+def beam_search(model, idx, max_new_tokens, num_beams, stop_ids=(), length_penalty=1.0, early_stopping=False,
+                attention_mask=None):
+    """The best of num_beams hypotheses for each prompt of idx (B, T), as transformers' generate(num_beams=...,
+    do_sample=False) chooses it: a list of B token lists, each ending with its stop id or at max_new_tokens.
+
+    Each step extends every live beam by every token and keeps the 2 * num_beams best sums of log-probabilities
+    (so that num_beams remain after those ending in a stop id leave); of these, a hypothesis that ends and is
+    among the num_beams best is scored sum / generated_length ** length_penalty (> 0 favours longer ones) and
+    kept if it beats the worst of the num_beams finished so far. The search stops when each prompt's best live
+    beam can no longer beat its worst finished one (early_stopping=False: judged at the current length;
+    "never" with length_penalty > 0: at max_new_tokens), or True: as soon as num_beams hypotheses are done.
+    The KV cache holds one row per beam; after each step it is reordered to follow the beams kept.
+    """
+    B, T = idx.shape
+    if T + max_new_tokens > model.config.block_size:
+        raise ValueError(f"beam search keeps the whole sequence in its cache: the prompt ({T}) plus "
+                         f"max_new_tokens ({max_new_tokens}) must fit block_size ({model.config.block_size})")
+    is_real = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    kv_cache = KVCache(model.config, B, T + max_new_tokens, device=idx.device)
+    logits = model(idx, attention_mask=is_real, kv_cache=kv_cache)[0][:, -1]  # (B, V)
+    rows = torch.arange(B, device=idx.device).repeat_interleave(num_beams)  # beam b of prompt p: row p * nb + b
+    kv_cache.select(rows)
+    logits = logits[rows]
+    keep = max(2, 1 + len(stop_ids)) * num_beams
+    stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
+    running = idx.new_zeros(B, num_beams, 0)  # each live beam's tokens so far
+    running_score = torch.full((B, num_beams), -1e9, device=idx.device)
+    running_score[:, 0] = 0  # the beams start identical: only one may be extended at the first step
+    finished = idx.new_zeros(B, num_beams, max_new_tokens)
+    finished_len = idx.new_zeros(B, num_beams)
+    finished_score = torch.full((B, num_beams), -1e9, device=idx.device)
+    is_finished = torch.zeros(B, num_beams, dtype=torch.bool, device=idx.device)
+    can_improve = torch.ones(B, 1, dtype=torch.bool, device=idx.device)
+    for step in range(max_new_tokens):
+        scores = F.log_softmax(logits.float(), dim=-1).view(B, num_beams, -1) + running_score[..., None]
+        top_score, top = scores.flatten(1).topk(keep)  # (B, keep): the best continuations of all beams
+        beam, token = top // scores.size(-1), top % scores.size(-1)
+        candidates = torch.cat([running.gather(1, beam[..., None].expand(-1, -1, step)), token[..., None]], dim=2)
+        ends = torch.isin(token, stop_ids) | (step == max_new_tokens - 1)  # a stop id, or the length limit
+        # The live beams of the next step: the best num_beams that did not end.
+        live = (top_score - 1e9 * ends).topk(num_beams).indices
+        running, running_score = candidates.gather(1, live[..., None].expand(-1, -1, step + 1)), \
+            (top_score - 1e9 * ends).gather(1, live)
+        # The finished hypotheses: the best num_beams of those so far and those that ended now among the best.
+        new_score = top_score / (step + 1) ** length_penalty
+        admit = ends & (torch.arange(keep, device=idx.device) < num_beams) & can_improve
+        if early_stopping is True:
+            admit &= ~is_finished.all(dim=1, keepdim=True)
+        merged_score = torch.cat([finished_score, torch.where(admit, new_score, -1e9)], dim=1)
+        best = merged_score.topk(num_beams).indices
+        padded = F.pad(candidates, (0, max_new_tokens - step - 1))
+        finished = torch.cat([finished, padded], dim=1).gather(1, best[..., None].expand(-1, -1, max_new_tokens))
+        finished_len = torch.cat([finished_len, torch.full_like(token, step + 1)], dim=1).gather(1, best)
+        is_finished = torch.cat([is_finished, admit], dim=1).gather(1, best)
+        finished_score = merged_score.gather(1, best)
+        # Can a live beam still beat the worst finished hypothesis? transformers' heuristic, kept as it is.
+        length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else step + 1
+        worst = torch.where(is_finished, finished_score.min(dim=1, keepdim=True).values, -1e9)
+        can_improve &= (running_score[:, :1] / length ** length_penalty > worst).any(dim=1, keepdim=True)
+        done_early = early_stopping is True and bool(is_finished.all())
+        if not bool(can_improve.any()) or done_early or bool(ends.all()) or step == max_new_tokens - 1:
+            break
+        kv_cache.select((torch.arange(B, device=idx.device)[:, None] * num_beams +
+                         beam.gather(1, live)).flatten())
+        logits = model(running[:, :, -1].reshape(-1, 1), kv_cache=kv_cache)[0][:, -1]
+    return [finished[p, 0, :finished_len[p, 0]].tolist() for p in range(B)]

@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import resolve_device
-from model import KVCache
+from model import KVCache, beam_search
 from tokenizer import EOS_ID
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     parser.add_argument("--prompt_file", help="read the prompt from this file instead")
     parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--num_beams", type=int, default=1, help="> 1: beam search (Transformer.beam_search)")
+    parser.add_argument("--num_beams", type=int, default=1, help="> 1: beam search (model.beam_search)")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam search: > 0 favours longer text")
     add_sampling_arguments(parser, temperature=0.8)
     args = parser.parse_args(argv)
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         if args.num_beams > 1:  # the best hypothesis is known only at the end
-            tokens = model.beam_search(idx, min(args.max_new_tokens, limit + 1 - len(ids)), args.num_beams,
-                                       [EOS_ID], args.length_penalty)[0]
+            tokens = beam_search(model, idx, min(args.max_new_tokens, limit + 1 - len(ids)), args.num_beams,
+                                 [EOS_ID], args.length_penalty)[0]
         else:
             tokens = map(int, model.generate(idx, args.max_new_tokens, **generation_options(args, [EOS_ID])))
         for token in tokens:

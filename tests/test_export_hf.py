@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from export_hf import export
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, beam_search
 from checkpoint import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,12 +181,12 @@ def test_beam_search_gives_the_tokens_of_transformers_beam_search(family, tmp_pa
     ended_early = 0
     for length in (3, 5, 8):  # three prompts, each under four settings of the search
         prompt = torch.randint(3, 64, (1, length), generator=generator)
-        free = model.beam_search(prompt, 12, 4)  # stop ids the search meets: tokens its best hypothesis holds
+        free = beam_search(model, prompt, 12, 4)  # stop ids the search meets: tokens its best hypothesis holds
         for num_beams, length_penalty, early_stopping, stop_ids in ((4, 1.0, False, free[0][3:4]),
                                                                      (3, 0.5, True, free[0][2:4]),
                                                                      (5, 2.0, "never", free[0][5:6]),
                                                                      (2, 1.0, False, [])):
-            ours = model.beam_search(prompt, 12, num_beams, stop_ids, length_penalty, early_stopping)[0]
+            ours = beam_search(model, prompt, 12, num_beams, stop_ids, length_penalty, early_stopping)[0]
             theirs = hf.generate(prompt, max_new_tokens=12, num_beams=num_beams, do_sample=False,
                                  length_penalty=length_penalty, early_stopping=early_stopping, pad_token_id=0,
                                  eos_token_id=stop_ids or None)[0, length:].tolist()

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from checkpoint import load_model
+from model import beam_search
 from tokenizer import EOS_ID, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +130,7 @@ def test_stop_strings_beam_search_and_the_new_options_from_the_command_line(trai
                     "--repetition_penalty", "2", "--stop", stop)
     assert result.returncode == 0, result.stderr
     assert result.stdout == prompt + greedy[:greedy.index(stop)] + "\n"
-    best = model.beam_search(ids, 30, 3, [EOS_ID])[0]
+    best = beam_search(model, ids, 30, 3, [EOS_ID])[0]
     result = sample("--ckpt", trained_ckpt, "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "30",
                     "--num_beams", "3")
     assert result.returncode == 0, result.stderr
