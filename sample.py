@@ -4,6 +4,7 @@ sample.py: generate text from a checkpoint written by train.py, streaming tokens
     python sample.py --ckpt out/cpu_demo --prompt "def fibonacci(n):" --max_new_tokens 200
     python sample.py --ckpt out/cpu_demo --prompt_file prompt.txt --num_samples 3 --temperature 0
     python sample.py --ckpt out/cpu_demo --prompt "def " --temperature 0 --num_beams 4 --stop "\n\n"
+    python sample.py --ckpt out/cpu_demo --prompts_file prompts.txt --temperature 0   # one batch, a prompt a line
 
 The one idea: generation is a loop of "one forward pass, pick one token". With a KV cache each step
 feeds only the newest token (keys and values of the earlier ones are kept), so a step costs the
@@ -11,6 +12,7 @@ same at position 10 as at position 500 instead of re-reading the whole prefix.
 """
 
 import argparse
+import io
 import math
 import sys
 import time
@@ -20,7 +22,7 @@ import torch
 from checkpoint import load_model
 from configurator import resolve_device
 from model import KVCache, beam_search
-from tokenizer import EOS_ID
+from tokenizer import EOS_ID, PAD_ID
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
@@ -101,11 +103,12 @@ class TextStream:
         return text
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out", help="out_dir of a training run (ckpt.pt + tokenizer.model)")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     parser.add_argument("--prompt_file", help="read the prompt from this file instead")
+    parser.add_argument("--prompts_file", help="continue every line of this file, all in one left-padded batch")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--num_beams", type=int, default=1, help="> 1: beam search (model.beam_search)")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam search: > 0 favours longer text")
@@ -117,45 +120,81 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_beams > 1 and (args.temperature > 0 or args.repetition_penalty != 1 or args.min_new_tokens):
         parser.error("--num_beams > 1 is beam search, which does not sample and applies no penalty: pass "
                      "--temperature 0, without --repetition_penalty and --min_new_tokens")
+    if args.prompts_file and (args.prompt or args.prompt_file or args.num_samples > 1):
+        parser.error("--prompts_file gives the prompts, one sample each: without --prompt, --prompt_file and "
+                     "--num_samples")
+    return args
 
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.ckpt, device)
-    prompt = args.prompt
-    if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"cannot read --prompt_file {args.prompt_file}: {e}")
+
+def read_prompts(args) -> list[str]:
+    """The text to continue: --prompt, the whole --prompt_file, or each line of --prompts_file."""
+    path = args.prompt_file or args.prompts_file
+    if path is None:
+        return [args.prompt]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot read {'--prompt_file' if args.prompt_file else '--prompts_file'} {path}: {e}")
+    return [text] if args.prompt_file else text.splitlines()
+
+
+def prompt_ids(tokenizer, prompt: str, limit: int) -> list[int]:
     # Every training document starts right after a </s>, so an empty prompt starts from one: the
     # model then writes the beginning of a fresh document.
     ids = tokenizer.encode(prompt) if prompt else [EOS_ID]
-    limit = model.config.block_size - 1  # leave room for at least one new token in the context
     if len(ids) > limit:
         print(f"warning: the prompt has {len(ids)} tokens, more than the context allows; keeping the last {limit}",
               file=sys.stderr)
         ids = ids[-limit:]
+    return ids
 
-    generated, seconds = 0, 0.0
+
+def continuations(model, prompts: list[list[int]], args):
+    """Each prompt's new tokens, the prompts left-padded into one batch: (B,) per step, or for beam search each
+    row's whole list at once (a hypothesis is known only at the end)."""
+    width = max(map(len, prompts))
+    device = model.wte.weight.device
+    idx = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
+    is_real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    if args.num_beams > 1:
+        n = min(args.max_new_tokens, model.config.block_size - width)
+        rows = beam_search(model, idx, n, args.num_beams, [EOS_ID], args.length_penalty, attention_mask=is_real)
+        return [torch.tensor([row[t] if t < len(row) else EOS_ID for row in rows]) for t in range(n)]
+    return model.generate(idx, args.max_new_tokens, attention_mask=is_real, **generation_options(args, [EOS_ID]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.ckpt, device)
+    prompts = read_prompts(args)
+    limit = model.config.block_size - 1  # leave room for at least one new token in the context
+    ids = [prompt_ids(tokenizer, prompt, limit) for prompt in prompts]
+
+    generated, t0 = 0, time.time()
     for sample in range(args.num_samples):
         if args.num_samples > 1:
             print(f"\n---------- sample {sample + 1} ----------")
-        sys.stdout.write(prompt)
-        stream = TextStream(tokenizer, sys.stdout, args.stop)
-        t0 = time.time()
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        if args.num_beams > 1:  # the best hypothesis is known only at the end
-            tokens = beam_search(model, idx, min(args.max_new_tokens, limit + 1 - len(ids)), args.num_beams,
-                                 [EOS_ID], args.length_penalty)[0]
-        else:
-            tokens = map(int, model.generate(idx, args.max_new_tokens, **generation_options(args, [EOS_ID])))
-        for token in tokens:
-            generated += 1
-            if token == EOS_ID or stream.add(token):
+        # One prompt streams as it comes; a batch prints when every row is done.
+        streams = [TextStream(tokenizer, sys.stdout if len(prompts) == 1 else io.StringIO(), args.stop)
+                   for _ in prompts]
+        if len(prompts) == 1:
+            sys.stdout.write(prompts[0])
+        done = [False] * len(prompts)
+        for tokens in continuations(model, ids, args):
+            for row, token in enumerate(tokens.tolist()):
+                if not done[row]:
+                    generated += 1
+                    done[row] = token == EOS_ID or streams[row].add(token)
+            if all(done):
                 break
-        stream.finish()
-        seconds += time.time() - t0
+        if len(prompts) == 1:
+            streams[0].finish()
+        for i, (prompt, stream) in enumerate(zip(prompts, streams) if len(prompts) > 1 else []):
+            print(f"---------- prompt {i + 1} ----------\n{prompt}{stream.text()}")
+    seconds = time.time() - t0
     print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s on {device}", file=sys.stderr)
     # What each token of context costs in the KV cache, all layers: the number that caps batch x context.
     dtype = model.wte.weight.dtype

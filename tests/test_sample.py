@@ -141,3 +141,18 @@ def test_stop_strings_beam_search_and_the_new_options_from_the_command_line(trai
                           (["--stop", ""], "--stop needs a non-empty string")):
         result = sample("--ckpt", trained_ckpt, *args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_a_prompts_file_is_one_left_padded_batch_that_continues_each_line_as_alone(trained_ckpt, tmp_path):
+    prompts = ["def add(a, b):", "class Parser:", "", "import os"]  # different lengths; "" starts a document
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    for options in (["--repetition_penalty", "2"], ["--num_beams", "3"]):
+        common = ["--ckpt", trained_ckpt, "--temperature", "0", "--max_new_tokens", "12", *options]
+        batch = sample(*common, "--prompts_file", str(tmp_path / "prompts.txt"))
+        assert batch.returncode == 0, batch.stderr
+        alone = [sample(*common, "--prompt", prompt).stdout for prompt in prompts]
+        assert batch.stdout == "".join(f"---------- prompt {i + 1} ----------\n{text}" for i, text in enumerate(alone))
+    result = sample("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "prompts.txt"), "--num_samples", "2")
+    assert result.returncode == 2 and "--prompts_file gives the prompts" in result.stderr
+    result = sample("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "missing.txt"))
+    assert result.returncode == 1 and "cannot read --prompts_file" in result.stderr
