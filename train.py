@@ -116,7 +116,9 @@ dpo_pairs = ""  # dpo: the preference pairs to train on, JSONL (preferences.py);
 dpo_val_pairs = ""  # dpo: held-out pairs, whose preference accuracy every evaluation logs
 dpo_beta = 0.1  # dpo: the scale of the implicit reward beta log(pi / pi_ref); smaller lets pi move further
 dpo_nll_weight = 0.0  # dpo: > 0 adds that times the chosen reply's per-token cross-entropy (RPO), 0 is plain DPO
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# Lowercase names only: the constants imported above (PAD_ID) are not settings.
+DEFAULTS = {k: v for k, v in globals().items()
+            if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]  # vocab comes from the data
 DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factory()
              for f in fields(ModelConfig) if f.name in MODEL_KEYS}
@@ -217,7 +219,8 @@ def check_post_training_config(c: dict, world_size: int) -> None:
     if c["task"] not in TASKS:
         raise SystemExit(f"objective='grpo' needs task, one of {', '.join(TASKS)}; got {c['task']!r}")
     if c["group_size"] < 2:
-        raise SystemExit(f"group_size must be at least 2 (a reply's baseline is the rest of its group), got {c['group_size']}")
+        raise SystemExit(f"group_size must be at least 2 (a reply's baseline is the rest of its group), got "
+                         f"{c['group_size']}")
     replies = c["batch_size"] * c["gradient_accumulation_steps"] // world_size
     if replies % c["group_size"]:
         raise SystemExit(f"each process samples whole groups: batch_size * gradient_accumulation_steps / processes "

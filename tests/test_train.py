@@ -46,6 +46,7 @@ def assert_same_weights(a, b, tol):
 def test_bad_config_is_one_clear_error():
     # Every rule is tested in tests/test_configurator.py; here, that the command turns one into a sentence.
     for args, message in [(["--learing_rate=1e-3"], "unknown config key 'learing_rate'"),
+                          (["--PAD_ID=3"], "unknown config key 'PAD_ID'"),  # an imported constant, not a setting
                           (["config/nope.py"], "config file 'config/nope.py' does not exist")]:
         result = run(args, check=False)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
