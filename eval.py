@@ -33,7 +33,8 @@ from configurator import resolve_device
 from files import atomic_write, os_error
 from readers import record_text
 from tasks import TASKS, add_difficulty_arguments, difficulty_of, examples, reward
-from tokenizer import EOS_ID, IM_END_ID, PAD_ID
+from sample import left_padded
+from tokenizer import EOS_ID, IM_END_ID
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -50,9 +51,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def reply_tokens(model, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
     """The ids of each prompt's reply, generated together from left-padded prompts with one KV cache; a reply ends
     with its <|im_end|> (or </s>), kept as its last id, or after max_new_tokens without one."""
-    device, width = model.wte.weight.device, max(map(len, prompts))
-    idx = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
-    is_real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    idx, is_real = left_padded(prompts, model.wte.weight.device)
     new, done = [[] for _ in prompts], [False] * len(prompts)
     for tokens in model.generate(idx, max_new_tokens, temperature, attention_mask=is_real):
         for row, token in enumerate(tokens.tolist()):
@@ -71,9 +70,13 @@ def replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: i
     out = []
     for lo in range(0, len(conversations), batch_size):
         prompts = [tokenizer.render_chat(c, generation_prompt=True)[0] for c in conversations[lo:lo + batch_size]]
-        for ids in reply_tokens(model, prompts, max_new_tokens, temperature):
-            out.append(tokenizer.decode(ids[:-1] if ids and ids[-1] in (IM_END_ID, EOS_ID) else ids))
+        out += [reply_text(tokenizer, ids) for ids in reply_tokens(model, prompts, max_new_tokens, temperature)]
     return out
+
+
+def reply_text(tokenizer, ids: list[int]) -> str:
+    """A reply's text, without the <|im_end|> (or </s>) that closed it."""
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] in (IM_END_ID, EOS_ID) else ids)
 
 
 def task_problems(args) -> list[tuple[list[dict], callable]]:

@@ -90,10 +90,7 @@ class Preferences:
     """The data and the loss of objective = "dpo": train_batch() names a micro-batch of pairs, loss() computes
     its DPO loss against the stored reference log-probabilities, evaluate() the held-out preference accuracy."""
 
-    def __init__(self, c: dict, data, model_config, base: dict | None, rank: int, world_size: int, autocast):
-        if base is None:
-            raise SystemExit(f"resume: {c['out_dir']}/ckpt.pt names no run it started from, and objective='dpo' "
-                             "needs that run as its frozen reference")
+    def __init__(self, c: dict, data, reference: Transformer, rank: int, world_size: int, autocast):
         tokenizer = Tokenizer(data.tokenizer_path)
         self.pairs = {"train": read_pairs(c["dpo_pairs"], tokenizer, c["block_size"]),
                       "val": read_pairs(c["dpo_val_pairs"], tokenizer, c["block_size"])}
@@ -101,12 +98,7 @@ class Preferences:
         self.batch_size, self.beta, self.nll_weight = c["batch_size"], c["dpo_beta"], c["dpo_nll_weight"]
         self.accum_steps = c["gradient_accumulation_steps"] // world_size
         self.step_pairs = c["batch_size"] * c["gradient_accumulation_steps"]  # over every rank
-        # The reference is the run it started from, without adapters, built under a forked generator so the
-        # training draws are those of a run without it, and freed once its log-probabilities are stored.
-        with torch.random.fork_rng(devices=[]):
-            reference = Transformer(model_config).to(data.device)
-        reference.load_state_dict(base["model"])
-        reference.eval()
+        # The reference (train.frozen_reference) is needed only for these: the caller drops it afterwards.
         self.reference_logprobs = {split: self._logprobs(reference, pairs, autocast)
                                    for split, pairs in self.pairs.items()}
 

@@ -28,12 +28,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from eval import replies, reply_tokens
+from eval import replies, reply_text, reply_tokens
 from model import Transformer
 from objectives import group_advantages, policy_gradient_loss, target_rows, token_logprobs
 from parallel import all_reduce_sum
 from tasks import TASKS, examples, reward
-from tokenizer import EOS_ID, IM_END_ID, PAD_ID, Tokenizer
+from tokenizer import PAD_ID, Tokenizer
 
 
 def seed_of(*parts) -> int:
@@ -46,10 +46,7 @@ class Policy:
     """The data and the loss of objective = "grpo": rollout() samples and scores a round's replies, loss() turns
     one micro-batch of them into the policy-gradient loss, evaluate() scores greedy replies to held-out problems."""
 
-    def __init__(self, c: dict, data, model_config, base: dict | None, rank: int, world_size: int):
-        if base is None:
-            raise SystemExit(f"resume: {c['out_dir']}/ckpt.pt names no run it started from, and objective='grpo' "
-                             "needs that run as its frozen reference")
+    def __init__(self, c: dict, data, reference: Transformer, rank: int, world_size: int):
         knob = TASKS[c["task"]][2][0]
         self.task, self.difficulty = c["task"], {knob: c["task_difficulty"]} if c["task_difficulty"] else {}
         try:
@@ -67,12 +64,7 @@ class Policy:
         self.ppo_epochs = c["ppo_epochs"]
         self.loss_options = {"clip_eps": c["clip_eps"] or None, "cispo_clip": c["cispo_clip"] or None,
                              "kl_beta": c["kl_beta"]}
-        # The frozen reference of the KL term and metric: the run it started from, without adapters. Built under a
-        # forked generator, so the policy's own initialisation draws are those of a run without it.
-        with torch.random.fork_rng(devices=[]):
-            self.reference = Transformer(model_config).to(data.device)
-        self.reference.load_state_dict(base["model"])
-        self.reference.requires_grad_(False).eval()
+        self.reference = reference  # of the KL term and metric (train.frozen_reference)
         self.round, self.old_logprobs = None, {}
 
     def train_batch(self, it: int, micro_step: int) -> tuple[int, int]:
@@ -107,9 +99,8 @@ class Policy:
                 torch.manual_seed(seed_of(self.seed, round_, self.rank * self.prompts + i))
                 group = reply_tokens(model, [prompt] * self.group_size, self.max_new_tokens, self.temperature)
             for ids in group:
-                text = self.tokenizer.decode(ids[:-1] if ids[-1] in (IM_END_ID, EOS_ID) else ids)
                 sequences.append((prompt, ids))
-                rewards.append(reward(example, text))
+                rewards.append(reward(example, reply_text(self.tokenizer, ids)))
         model.train(model_was_training)
         x, y = target_rows([(p + r, [0] * len(p) + [1] * len(r)) for p, r in sequences], PAD_ID)  # (N, T)
         rewards = torch.tensor(rewards, dtype=torch.float64)

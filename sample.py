@@ -150,15 +150,21 @@ def prompt_ids(tokenizer, prompt: str, limit: int) -> list[int]:
     return ids
 
 
+def left_padded(prompts: list[list[int]], device):
+    """Prompts of different lengths as one batch: ids (B, T) padded on the left, so that every row's next token
+    is the same column, and is_real (B, T), the mask that keeps the padding out of attention and positions."""
+    width = max(map(len, prompts))
+    idx = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
+    is_real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return idx, is_real
+
+
 def continuations(model, prompts: list[list[int]], args):
     """Each prompt's new tokens, the prompts left-padded into one batch: (B,) per step, or for beam search each
     row's whole list at once (a hypothesis is known only at the end)."""
-    width = max(map(len, prompts))
-    device = model.wte.weight.device
-    idx = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts], device=device)
-    is_real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    idx, is_real = left_padded(prompts, model.wte.weight.device)
     if args.num_beams > 1:
-        n = min(args.max_new_tokens, model.config.block_size - width)
+        n = min(args.max_new_tokens, model.config.block_size - idx.size(1))
         rows = beam_search(model, idx, n, args.num_beams, [EOS_ID], args.length_penalty, attention_mask=is_real)
         return [torch.tensor([row[t] if t < len(row) else EOS_ID for row in rows]) for t in range(n)]
     return model.generate(idx, args.max_new_tokens, attention_mask=is_real, **generation_options(args, [EOS_ID]))

@@ -525,11 +525,24 @@ def objective_data(c: dict, data: TokenData, model_config: ModelConfig, base: di
                    world_size: int, autocast):
     """grpo's sampled replies (rollouts.Policy) or dpo's pairs (preferences.Preferences): the objectives that
     bring their own micro-batches and loss, and need the run they start from as a reference; else None."""
+    if c["objective"] not in ("grpo", "dpo"):
+        return None
+    if base is None:
+        raise SystemExit(f"resume: {c['out_dir']}/ckpt.pt names no run it started from, and "
+                         f"objective={c['objective']!r} needs that run as its frozen reference")
+    reference = frozen_reference(model_config, base, data.device)
     if c["objective"] == "grpo":
-        return Policy(c, data, model_config, base, rank, world_size)
-    if c["objective"] == "dpo":
-        return Preferences(c, data, model_config, base, rank, world_size, autocast)
-    return None
+        return Policy(c, data, reference, rank, world_size)
+    return Preferences(c, data, reference, rank, world_size, autocast)
+
+
+def frozen_reference(model_config: ModelConfig, base: dict, device: str) -> Transformer:
+    """The run a post-training run started from (without adapters), frozen in eval mode. Built under a forked
+    generator, so that the trained model's own initialisation draws are those of a run without it."""
+    with torch.random.fork_rng(devices=[]):
+        reference = Transformer(model_config).to(device)
+    reference.load_state_dict(base["model"])
+    return reference.requires_grad_(False).eval()
 
 
 def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, device: str) -> dict:

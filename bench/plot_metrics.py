@@ -14,8 +14,11 @@ import os
 
 
 def curves(out_dir: str, key: str) -> tuple[list[int], list[float]]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        points = [(r["iter"], r[key]) for r in map(json.loads, f) if isinstance(r.get(key), (int, float))]
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            points = [(r["iter"], r[key]) for r in map(json.loads, f) if isinstance(r.get(key), (int, float))]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read {out_dir}/metrics.jsonl: {e}") from None
     return [p[0] for p in points], [p[1] for p in points]
 
 

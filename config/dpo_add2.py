@@ -2,6 +2,7 @@
 # steps (config/sft_add2.py --max_iters=300 --lr_decay_iters=300, the start of config/grpo_add2.py too): each pair
 # prefers a right sum to one of the model's own wrong ones. Plain DPO (dpo_nll_weight=0) makes both replies less
 # likely and the model worse at the task (bench/RESULTS.md): here with RPO's cross-entropy term on the chosen reply.
+#   python train.py config/sft_add2.py --max_iters=300 --lr_decay_iters=300 --out_dir=out/sft300_add2
 #   python eval.py --ckpt out/sft300_add2 --task addition --digits 2 --split train --n 2000 --samples 4 \
 #       --temperature 1 --replies samples_train.jsonl
 #   python tasks.py --task addition --digits 2 --split train --n 2000 --pairs samples_train.jsonl \

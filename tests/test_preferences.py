@@ -100,7 +100,7 @@ def test_the_step_gradient_is_dpo_over_the_global_batch_in_float64(addition_sft,
     policy's from weights moved off them so that the margins are not 0)."""
     from model import ModelConfig, Transformer
     from preferences import Preferences
-    from train import DEFAULTS
+    from train import DEFAULTS, frozen_reference
 
     base = torch.load(os.path.join(addition_sft[0], "ckpt.pt"), weights_only=False)
     c = DEFAULTS | base["config"] | {"objective": "dpo", "dpo_pairs": pairs[0], "dpo_val_pairs": pairs[1],
@@ -108,7 +108,8 @@ def test_the_step_gradient_is_dpo_over_the_global_batch_in_float64(addition_sft,
                                      "gradient_accumulation_steps": 2}
     model_config = ModelConfig(**base["model_config"])
     data = SimpleNamespace(tokenizer_path=os.path.join(addition_sft[1], "tokenizer.model"), device="cpu")
-    preferences = Preferences(c, data, model_config, base, 0, 1, torch.autocast("cpu", enabled=False))
+    preferences = Preferences(c, data, frozen_reference(model_config, base, "cpu"), 0, 1,
+                              torch.autocast("cpu", enabled=False))
     model = Transformer(model_config)
     model.load_state_dict(base["model"])
     with torch.no_grad():

@@ -66,7 +66,7 @@ def policy_of(addition_sft, **overrides):
     """A Policy as train.py builds it, for one process, and the model it would train."""
     from model import ModelConfig, Transformer
     from rollouts import Policy
-    from train import DEFAULTS
+    from train import DEFAULTS, frozen_reference
 
     base = torch.load(os.path.join(addition_sft[0], "ckpt.pt"), weights_only=False)
     c = DEFAULTS | base["config"] | {"objective": "grpo", "task": "addition", "task_difficulty": 1,
@@ -76,7 +76,7 @@ def policy_of(addition_sft, **overrides):
     model_config = ModelConfig(**base["model_config"])
     model = Transformer(model_config)
     model.load_state_dict(base["model"])
-    return Policy(c, data, model_config, base, 0, 1), model
+    return Policy(c, data, frozen_reference(model_config, base, "cpu"), 0, 1), model
 
 
 def test_the_step_gradient_is_reinforce_over_every_reply_token_of_the_round(addition_sft):
