@@ -57,7 +57,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head reuses wte's matrix: fewer parameters, as in GPT-2 and small Qwen2
     qkv_bias: bool = False  # Qwen2 puts biases on q, k, v (only)
     dropout: float = 0.0
-    # "auto" (flash on a CUDA GPU, else sdpa), "flash" (our Triton kernels, kernels/), "sdpa" (PyTorch's fused
+    # "auto" (flash on a CUDA GPU, else sdpa), "flash" (our Triton kernels, myllm_kernels/), "sdpa" (PyTorch's fused
     # kernels) or "eager" (the readable reference)
     attn_impl: str = "auto"
     # Attention: "gqa" (n_kv_head key/value heads; n_kv_head = n_head is plain multi-head attention) or "mla",
@@ -324,9 +324,9 @@ def resolve_attn_impl(name):
     if name == "auto":
         name = "flash" if torch.cuda.is_available() else "sdpa"
     if name == "flash":
-        import kernels  # only when asked for: importing Triton takes seconds
+        import myllm_kernels  # only when asked for: importing Triton takes seconds
 
-        if not kernels.available():
+        if not myllm_kernels.available():
             warnings.warn("attn_impl='flash' needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU); using sdpa instead")
             return "sdpa"
     return name
@@ -349,7 +349,7 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
         doc_ids = mask[2] if mask is not None and len(mask) == 3 else None
         if (mask is None or doc_ids is not None) and q.size(2) == k.size(2) and dropout_p == 0.0 \
                 and max(q.size(-1), v.size(-1)) <= 256:
-            from kernels import flash_attention
+            from myllm_kernels import flash_attention
 
             return flash_attention(q, k, v, causal=True, softmax_scale=scale, doc_ids=doc_ids)
         impl = "sdpa"

@@ -1,5 +1,5 @@
 """
-bench/attention.py: our Triton flash attention (kernels/) against PyTorch's SDPA on one GPU.
+bench/attention.py: our Triton flash attention (myllm_kernels/) against PyTorch's SDPA on one GPU.
 
     python bench/attention.py            # correctness, then speed tables: about 4 minutes on an H100
     python bench/attention.py --sweep    # then also time candidate tiles, to retune GPU_TILES
@@ -65,7 +65,7 @@ def relative_error(actual, exact):
 
 def check_correctness(flash_attention):
     """Ours and SDPA against float64; returns whether every case passed."""
-    from kernels.attention_reference import reference_attention
+    from myllm_kernels.attention_reference import reference_attention
     floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
     # (B, n_head, n_kv_head, T, d_qk, d_v, causal, window): T not a multiple of any tile, GQA 1..8, MLA dims.
     # fp16 and fp32 run the first two: the same code as bf16, and each (dtype, dims, causal) is a compile.
@@ -219,7 +219,7 @@ def model_step_times():
 def sweep():
     """Time candidate tiles of each kernel at T=4096, bf16, causal, to choose GPU_TILES entries by measurement."""
     from triton.testing import do_bench
-    from kernels.flash_attention import Tiles, _backward, _forward, launch_tiles
+    from myllm_kernels.flash_attention import Tiles, _backward, _forward, launch_tiles
     fwd_cands = [Tiles(*c) for c in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                                      (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 4)]]
     dkdv_cands = [Tiles(*c) for c in [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2),
@@ -256,7 +256,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU; the CPU checks are in tests/test_kernels.py")
     import triton
-    from kernels import flash_attention
+    from myllm_kernels import flash_attention
 
     # SDPA warns at length about why a backend declined a shape; the table shows that as "-".
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -12,7 +12,7 @@ import torch
 
 import prepare_data
 
-# Without a GPU, kernels/ runs in Triton's CPU interpreter. Triton reads this when kernels is imported (and
+# Without a GPU, myllm_kernels/ runs in Triton's CPU interpreter. Triton reads this when myllm_kernels is imported (and
 # again at each launch), so it is set here, before any test module imports the model or the kernels.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

@@ -1,4 +1,4 @@
-"""Tests of kernels/attention_reference.py: tiled_attention, the flash forward's algorithm block by block, computes
+"""Tests of myllm_kernels/attention_reference.py: tiled_attention, the flash forward's algorithm block by block, computes
 reference_attention's function; and reference_attention itself is PyTorch's scaled_dot_product_attention, so the
 float64 oracle that tests/test_kernels.py trusts is checked against an implementation that is not ours. Both with
 and without packed documents (doc_ids), whose mask SDPA gets as an explicit boolean matrix.
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention_reference import reference_attention, tiled_attention
+from myllm_kernels.attention_reference import reference_attention, tiled_attention
 
 # (B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, block_m, block_n): T ends mid-block
 # unless the name says otherwise, and block_m != block_n exercises the key-range arithmetic both ways round.

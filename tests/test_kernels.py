@@ -1,8 +1,8 @@
-"""Tests of kernels/flash_attention.py: output and gradients against float64 math attention
-(kernels/attention_reference.py, tested in tests/test_attention_reference.py). With packed documents (doc_ids)
+"""Tests of myllm_kernels/flash_attention.py: output and gradients against float64 math attention
+(myllm_kernels/attention_reference.py, tested in tests/test_attention_reference.py). With packed documents (doc_ids)
 also each document against itself run alone, and the block skipping against NaN planted in the other documents.
 
-Without a GPU the kernels run in Triton's CPU interpreter. conftest.py sets TRITON_INTERPRET before kernels is
+Without a GPU the kernels run in Triton's CPU interpreter. conftest.py sets TRITON_INTERPRET before myllm_kernels is
 imported (@triton.jit reads it when a kernel is defined) and stay set (Triton reads it again at launch).
 The interpreter computes bf16 wrongly (triton-lang/triton#11584), so bf16 is checked on a GPU by
 bench/attention.py; here fp32 and fp16. Shapes are tiny: the interpreter runs programs one by one.
@@ -11,9 +11,9 @@ bench/attention.py; here fp32 and fp16. Shapes are tiny: the interpreter runs pr
 import pytest
 import torch
 
-from kernels import flash_attention  # TRITON_INTERPRET is set by conftest.py when there is no GPU
-from kernels.attention_reference import reference_attention, tiled_attention
-from kernels.flash_attention import _document_spans, _forward, launch_tiles
+from myllm_kernels import flash_attention  # TRITON_INTERPRET is set by conftest.py when there is no GPU
+from myllm_kernels.attention_reference import reference_attention, tiled_attention
+from myllm_kernels.flash_attention import _document_spans, _forward, launch_tiles
 from test_attention_reference import packed_doc_ids, with_docs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,7 +2,7 @@
 Flash attention (FlashAttention-2, Dao 2023) forward and backward in Triton, with grouped-query heads,
 sliding windows, packed documents and different q.k and v head dims.
 
-    from kernels import flash_attention
+    from myllm_kernels import flash_attention
     out = flash_attention(q, k, v, causal=True)   # q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk),
                                                   # v (B, n_kv_head, T, d_v) -> out (B, n_head, T, d_v)
     out = flash_attention(q, k, v, doc_ids=doc_ids)  # doc_ids (B, T): several documents packed in each row
@@ -17,7 +17,7 @@ computed relative to m, so it is rescaled by exp(m - m') ("online softmax", Mila
 Memory drops from O(T^2) to O(T), and no (T, T) matrix ever travels to GPU memory and back, which is
 what makes it fast: unfused attention is limited by that memory traffic, not by its arithmetic.
 
-Read tiled_attention in kernels/attention_reference.py first: the same algorithm in plain PyTorch, with the
+Read tiled_attention in myllm_kernels/attention_reference.py first: the same algorithm in plain PyTorch, with the
 same names (m_i, l_i, acc, alpha, base-2 scores, MIN_SCORE) and a Python loop over the query blocks that the GPU
 runs as one program each.
 
@@ -593,7 +593,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
             raise ValueError("doc_ids must never decrease along T: documents are packed one after another, each "
                              "a contiguous run of equal ids")
     if not q.is_cuda and not INTERPRETED:
-        raise RuntimeError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before importing kernels")
+        raise RuntimeError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before importing myllm_kernels")
     softmax_scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else float(softmax_scale)
     # A window as long as the sequence is no window: one code path, with no test for "no window" in the kernels.
     window = T if window_size is None else min(int(window_size), T)

@@ -1,8 +1,8 @@
 """
 Attention in plain PyTorch, twice: the float64 reference our kernels are tested against, and the algorithm of
-kernels/flash_attention.py's forward written out block by block, to read before the Triton code.
+myllm_kernels/flash_attention.py's forward written out block by block, to read before the Triton code.
 
-    from kernels.attention_reference import reference_attention, tiled_attention
+    from myllm_kernels.attention_reference import reference_attention, tiled_attention
     exact = reference_attention(q, k, v, causal=True)   # float64, the (T, T) scores written out
     out, lse = tiled_attention(q, k, v, causal=True)    # the same function, one block of keys at a time
 
@@ -24,7 +24,7 @@ import math
 import torch
 
 LOG2_E = math.log2(math.e)
-# As MIN_SCORE in kernels/flash_attention.py: finite, so that a row whose first key block is all masked (a
+# As MIN_SCORE in myllm_kernels/flash_attention.py: finite, so that a row whose first key block is all masked (a
 # window starting inside the block, or an earlier document's keys) gets exp2(m - m) = 1 and exp2(-inf - m) = 0
 # rather than exp2(-inf + inf) = NaN.
 MIN_SCORE = -1.0e30
