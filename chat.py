@@ -9,6 +9,8 @@ The one idea: the model keeps nothing between turns. Each turn the whole convers
 ChatML and the model continues after "<|im_start|>assistant\\n", where fine-tuning taught it a reply begins;
 the reply ends where the model writes <|im_end|>, and its text goes back into the history for the next turn.
 Ctrl-C during a reply stops it (what was printed stays as the assistant's turn); at the prompt it exits.
+A reply is generated exactly as serve.py generates one: chat_prompt() renders the conversation, and the reply
+is a request to the same continuous-batching engine (engine.py), here with one row.
 """
 
 import argparse
@@ -18,8 +20,16 @@ import torch
 
 from checkpoint import load_model
 from configurator import resolve_device
-from sample import TextStream, add_sampling_arguments, check_sampling_arguments, generation_options
+from engine import Engine, Request, Sampling
+from sample import add_sampling_arguments, check_sampling_arguments
 from tokenizer import EOS_ID, IM_END_ID
+
+CHAT_STOP_IDS = (IM_END_ID, EOS_ID)  # a reply ends at <|im_end|>; a </s> would end the whole text
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation's tokens, up to where the assistant's reply begins (what training taught it to see)."""
+    return tokenizer.render_chat(messages, generation_prompt=True)[0]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,28 +43,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def reply(model, tokenizer, messages: list[dict], args: argparse.Namespace, out) -> str:
+def reply(engine: Engine, messages: list[dict], args: argparse.Namespace, out) -> str:
     """Stream the assistant's reply to messages into out and return its text; if Ctrl-C stops it, what was printed."""
-    ids = tokenizer.render_chat(messages, generation_prompt=True)[0]
-    limit = model.config.block_size - 1  # leave room for at least one new token in the context
-    if len(ids) > limit:
+    ids = chat_prompt(engine.tokenizer, messages)
+    block = engine.model.config.block_size
+    if len(ids) > block - 1:  # leave room for at least one new token in the context
         print(f"warning: the conversation has {len(ids)} tokens, more than the context allows; keeping the last "
-              f"{limit} (/reset starts afresh)", file=sys.stderr)
-        ids = ids[-limit:]
-    idx = torch.tensor([ids], dtype=torch.long, device=model.wte.weight.device)
-    stream = TextStream(tokenizer, out, args.stop)
+              f"{block - 1} (/reset starts afresh)", file=sys.stderr)
+        ids = ids[-(block - 1):]
+    max_tokens = min(args.max_new_tokens, block - len(ids))
+    sampling = Sampling(max_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                        min(args.min_new_tokens, max_tokens), args.stop, CHAT_STOP_IDS)
+    printed, finish = [], []
+
+    def on_text(index, text, finish_reason, n_tokens):
+        out.write(text)
+        out.flush()
+        printed.append(text)
+        finish.append(finish_reason)
+
+    request = Request(ids, sampling, on_text)
+    engine.submit(request)
     try:
-        for token in model.generate(idx, args.max_new_tokens, **generation_options(args, [IM_END_ID, EOS_ID])):
-            if token.item() in (IM_END_ID, EOS_ID) or stream.add(token.item()):
-                break
+        while engine.step():
+            pass
     except KeyboardInterrupt:
-        # The history must hold what the user saw, not the half character still waiting for its bytes.
-        out.write("\n")
-        return stream.printed
-    return stream.finish()
+        engine.cancel(request)
+        engine.drop_cancelled()
+    out.write("\n")
+    if finish[-1:] == ["length"] and max_tokens < args.max_new_tokens:
+        print("(the reply reached the end of the context; /reset starts afresh)", file=sys.stderr)
+    return "".join(printed)
 
 
-def converse(model, tokenizer, system: list[dict], args: argparse.Namespace) -> None:
+def converse(engine: Engine, system: list[dict], args: argparse.Namespace) -> None:
     """The interactive loop: read a line, answer it with the whole history as context, until /quit or EOF."""
     print(f"chatting with {args.ckpt}: /reset clears the history, /quit or Ctrl-D leaves, Ctrl-C stops a reply",
           file=sys.stderr)
@@ -72,7 +94,7 @@ def converse(model, tokenizer, system: list[dict], args: argparse.Namespace) -> 
             print("(history cleared)", file=sys.stderr)
         elif line:
             messages.append({"role": "user", "content": line})
-            text = reply(model, tokenizer, messages, args, sys.stdout)
+            text = reply(engine, messages, args, sys.stdout)
             messages.append({"role": "assistant", "content": text})
 
 
@@ -80,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.ckpt, device)
+    engine = Engine(*load_model(args.ckpt, device), max_batch=1)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        reply(model, tokenizer, system + [{"role": "user", "content": args.prompt}], args, sys.stdout)
+        reply(engine, system + [{"role": "user", "content": args.prompt}], args, sys.stdout)
     else:
-        converse(model, tokenizer, system, args)
+        converse(engine, system, args)
 
 
 if __name__ == "__main__":

@@ -673,8 +673,21 @@ def penalize_repetition(logits, tokens, is_real, penalty):
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
-    """Pick one token per row from logits (B, vocab) -> (B,). temperature 0 is greedy."""
+def next_token(logits, tokens, is_real, step, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+               min_new_tokens=0, stop_ids=(), generator=None):
+    """The token after logits (B, V) of rows whose tokens so far are tokens (B, T) (is_real marks padding), at the
+    step-th new token, the logits processed as transformers' generate processes them, in its order:
+    repetition_penalty, then no stop id before min_new_tokens tokens, then temperature, top_k and top_p."""
+    if repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, tokens, is_real, repetition_penalty)
+    if step < min_new_tokens:
+        logits[:, list(stop_ids)] = float("-inf")
+    return sample_next_token(logits, temperature, top_k, top_p, generator)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, vocab) -> (B,). temperature 0 is greedy. generator: the random
+    stream to draw from (the global one if None), so that each of several requests can have its own seed."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -689,7 +702,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
         drop = probs.cumsum(dim=-1) - probs >= top_p
         drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
 def last_real_tokens(tokens, is_real, lengths):
@@ -859,8 +872,7 @@ class Transformer(nn.Module):
                  repetition_penalty=1.0, min_new_tokens=0, stop_ids=()):
         """Yield the next token of every row, (B,), max_new_tokens times or until every row has yielded one of
         stop_ids, continuing prompts idx (B, T). The logits are processed as transformers' generate processes
-        them, in its order: repetition_penalty (penalize_repetition), then no stop id before min_new_tokens
-        tokens, then temperature, top_k and top_p (sample_next_token).
+        them (next_token).
 
         The prompt is prefilled into a KV cache, then only the newest token runs each step. When a row's cache is
         full (block_size tokens), it restarts from that row's last block_size // 2 tokens, re-prefilled: a sliding
@@ -876,6 +888,8 @@ class Transformer(nn.Module):
             raise ValueError("generate needs at least one real prompt token in every row (to start a fresh "
                              "document, pass the end-of-text token </s>)")
         tokens, kv_cache, context = idx, None, None  # context[r]: how many of row r's last tokens its cache holds
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                       min_new_tokens=min_new_tokens, stop_ids=stop_ids)
         stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
         ended = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
@@ -890,18 +904,13 @@ class Transformer(nn.Module):
             else:
                 logits, _ = self(tokens[:, -1:], kv_cache=kv_cache)
                 context = [n + 1 for n in context]
-            logits = logits[:, -1].float()  # (B, V)
-            if repetition_penalty != 1.0:
-                logits = penalize_repetition(logits, tokens, is_real, repetition_penalty)
-            if step < min_new_tokens:
-                logits[:, stop_ids] = float("-inf")
-            next_token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
-            yield next_token
-            ended |= torch.isin(next_token, stop_ids)
+            new = next_token(logits[:, -1].float(), tokens, is_real, step, **options)  # (B,)
+            yield new
+            ended |= torch.isin(new, stop_ids)
             if bool(ended.all()):
                 return
-            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-            is_real = torch.cat((is_real, torch.ones_like(next_token[:, None], dtype=torch.bool)), dim=1)
+            tokens = torch.cat((tokens, new[:, None]), dim=1)
+            is_real = torch.cat((is_real, torch.ones_like(new[:, None], dtype=torch.bool)), dim=1)
 
 
 @torch.inference_mode()

@@ -96,10 +96,9 @@ class TextStream:
         self.printed = text
 
     def finish(self) -> str:
-        """Prints the rest (an unfinished character as U+FFFD) and a newline; returns the whole text."""
+        """Prints the rest (an unfinished character as U+FFFD); returns the whole text."""
         text = self.text()
-        self.out.write(text[len(self.printed):] + "\n")
-        self.out.flush()
+        self._write(text)
         return text
 
 
@@ -198,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
         if len(prompts) == 1:
             streams[0].finish()
+            print()
         for i, (prompt, stream) in enumerate(zip(prompts, streams) if len(prompts) > 1 else []):
             print(f"---------- prompt {i + 1} ----------\n{prompt}{stream.text()}")
     seconds = time.time() - t0

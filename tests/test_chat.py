@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import chat
+import engine
 from checkpoint import load_model
-from model import Transformer
 from tokenizer import EOS_ID, IM_END_ID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,14 +64,16 @@ def test_each_turn_continues_the_history_and_reset_keeps_the_system_message(trai
 
 
 def test_the_model_reads_the_whole_history_and_ctrl_c_keeps_what_was_printed(trained_ckpt, monkeypatch, capsys):
-    generate, prompts = Transformer.generate, []
+    prefill, add, prompts = engine.Engine.prefill, engine.Choice.add, []
 
-    def recorded_and_interrupted_once(self, idx, *args, **kwargs):
-        prompts.append(idx[0].tolist())
-        for i, token in enumerate(generate(self, idx, *args, **kwargs)):
-            if len(prompts) == 1 and i == 3:
-                raise KeyboardInterrupt  # as if Ctrl-C came during the first reply's fourth token
-            yield token
+    def recorded(self, request, free):
+        prompts.append(list(request.prompt))
+        return prefill(self, request, free)
+
+    def interrupted_once(self, token):
+        if len(prompts) == 1 and self.n_new == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C came during the first reply's fourth token
+        return add(self, token)
 
     lines = iter(["hi", "ok", "/reset", "new"])
 
@@ -82,7 +84,8 @@ def test_the_model_reads_the_whole_history_and_ctrl_c_keeps_what_was_printed(tra
             raise KeyboardInterrupt
         return line
 
-    monkeypatch.setattr(Transformer, "generate", recorded_and_interrupted_once)
+    monkeypatch.setattr(engine.Engine, "prefill", recorded)
+    monkeypatch.setattr(engine.Choice, "add", interrupted_once)
     monkeypatch.setattr("builtins.input", typed)
     chat.main(["--ckpt", trained_ckpt, "--system", "terse", "--temperature", "0", "--max_new_tokens", str(N)])
     model, tokenizer = load_model(trained_ckpt, "cpu")
@@ -102,7 +105,8 @@ def test_reply_stops_at_im_end_and_prints_whole_characters_only(trained_ckpt, mo
     ids = tokenizer.encode(text)
     assert len(ids) > len(text), "the characters should need byte-fallback pieces"
     script = ids + [IM_END_ID] + tokenizer.encode("never")
-    monkeypatch.setattr(model, "generate", lambda idx, n, *rest, **options: (torch.tensor([t]) for t in script))
+    tokens = iter(script)
+    monkeypatch.setattr(engine.Choice, "pick", lambda self, logits: next(tokens))
 
     class Out(io.StringIO):
         pieces = []
@@ -114,7 +118,8 @@ def test_reply_stops_at_im_end_and_prints_whole_characters_only(trained_ckpt, mo
     out = Out()
     args = SimpleNamespace(max_new_tokens=50, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
                            min_new_tokens=0, stop=[])
-    assert chat.reply(model, tokenizer, [{"role": "user", "content": "x"}], args, out) == text
+    one_row = engine.Engine(model, tokenizer, max_batch=1)
+    assert chat.reply(one_row, [{"role": "user", "content": "x"}], args, out) == text
     assert out.getvalue() == text + "\n"
     assert not any("\ufffd" in piece for piece in out.pieces)
 

@@ -115,7 +115,7 @@ def test_a_stop_string_ends_the_text_before_it_and_nothing_of_it_is_ever_printed
     # What might begin a stop string waits until it cannot: "\n" (of "\n\n"), then "EN" (of "END").
     assert printed[1:6] == ["ab", "ab", "ab\n", "ab\n", "ab\nEN?"]
     assert stream.add(ord("N")) is False and stream.add(ord("D")) is True  # "...cdEND": stopped
-    assert stream.finish() == "ab\nEN?cd" and out.getvalue() == "ab\nEN?cd\n"
+    assert stream.finish() == "ab\nEN?cd" and out.getvalue() == "ab\nEN?cd"
 
 
 def test_stop_strings_beam_search_and_the_new_options_from_the_command_line(trained_ckpt):
