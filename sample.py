@@ -138,10 +138,14 @@ def read_prompts(args) -> list[str]:
     return [text] if args.prompt_file else text.splitlines()
 
 
-def prompt_ids(tokenizer, prompt: str, limit: int) -> list[int]:
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
     # Every training document starts right after a </s>, so an empty prompt starts from one: the
     # model then writes the beginning of a fresh document.
-    ids = tokenizer.encode(prompt) if prompt else [EOS_ID]
+    return tokenizer.encode(prompt) if prompt else [EOS_ID]
+
+
+def prompt_ids(tokenizer, prompt: str, limit: int) -> list[int]:
+    ids = encode_prompt(tokenizer, prompt)
     if len(ids) > limit:
         print(f"warning: the prompt has {len(ids)} tokens, more than the context allows; keeping the last {limit}",
               file=sys.stderr)
