@@ -184,13 +184,15 @@ class Engine:
         self.cancelled = 0  # requests dropped before their end (a client that went away), for /health
 
     def submit(self, request: Request) -> None:
-        """Queue a request; QueueFull when max_queue are already waiting (the caller answers "busy")."""
+        """Queue a request; QueueFull when it cannot start at once and max_queue requests wait already (the caller
+        answers "busy"): max_queue = 0 takes only what free rows can start."""
         if request.sampling.n > self.max_batch:
             raise ValueError(f"n = {request.sampling.n} is more than the {self.max_batch} sequences decoded at once")
         if len(request.prompt) + request.sampling.max_tokens > self.model.config.block_size:
             raise ValueError("the prompt and max_tokens exceed the context")
         with self.wake:
-            if len(self.waiting) >= self.max_queue:
+            can_start = self.rows.count(None) - sum(r.sampling.n for r in self.waiting) >= request.sampling.n
+            if not can_start and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.append(request)
             self.wake.notify()
