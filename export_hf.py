@@ -6,14 +6,33 @@ export_hf.py: write a train.py checkpoint as a Hugging Face transformers model f
 
 The one idea: an export is worth something only if it is exact. Each of our architectures is one that a
 transformers class computes to the last digit, and we write its config.json and weight names:
-  GQA + dense MLP            LlamaForCausalLM  (Qwen2ForCausalLM with qkv_bias: biases on q, k, v only)
+  GQA + dense MLP            LlamaForCausalLM  (qkv_bias: attention_bias, with o_proj's biases zero)
   GQA + DeepSeek MoE         Glm4MoeForCausalLM (GLM-4.5: Llama-style attention, DeepSeek-V3's router)
   MLA, dense MLP or MoE      DeepseekV3ForCausalLM (a model without MoE is one whose dense layers never end)
 Anything no class represents exactly is refused with the reason; an approximate export is never written.
 tests/test_export_hf.py loads every family back into transformers and compares logits and generations.
 
-Writes config.json, model.safetensors, the tokenizer.model of the run and a README.md on loading it. Each file
-goes to a temporary name and is renamed into place, config.json last: a folder with a config.json is complete.
+The tokenizer is exact too: tokenizer.json is our sentencepiece BPE for the `tokenizers` library, and
+AutoTokenizer.from_pretrained(export), pipeline("text-generation", model=export) included, gives the ids of
+Tokenizer.encode for every text, and Tokenizer.render_chat's for apply_chat_template (which encodes the rendered
+conversation at once, render_chat part by part: the same ids, as special tokens cut the text and no merge spans a
+newline). sentencepiece's BPE encoder has no pre-tokenizer (training's splits at spaces, scripts and digits only
+decide which pieces exist): it merges the two neighbours that make the best-scored piece, leftmost first, until none
+make a piece. A transformers BPE merges the listed pair of lowest rank, leftmost first. So the merges are every
+split of every piece into two pieces, ranked by the piece's score; the splits of one piece may go in any order,
+since when a piece is the best merge left, every place that can make it holds the same two pieces (its characters
+went through the same merges, whatever their neighbours). sentencepiece's space mark is written as the space itself:
+no normaliser is needed, and a literal '▁' is a character the vocabulary lacks, which byte fallback encodes as its
+three bytes, as Tokenizer.encode does. Not exact (the README written into the export says so too): transformers
+matches special tokens in text, so text containing "<|im_start|>" or "</s>" gets those ids where Tokenizer.encode
+gives characters (split_special_tokens=True would agree, but the chat template's tokens would then be text); decode
+writes or drops all six special tokens where ours writes the chat tokens only; and byte tokens that are not UTF-8
+(no text encodes to them) decode to a U+FFFD per byte of their run, where sentencepiece replaces only the invalid
+bytes.
+
+Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json, the run's
+tokenizer.model and a README.md on loading it. Each file goes to a temporary name and is renamed into place,
+config.json last: a folder with a config.json is complete.
 """
 
 import argparse
@@ -26,9 +45,9 @@ import torch
 from checkpoint import load_model  # reads and checks the checkpoint and its tokenizer, with clear errors
 from files import atomic_write, copy_file
 from model import ModelConfig, Transformer
-from tokenizer import BOS_ID, EOS_ID, PAD_ID
+from tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, SPACE_MARK, SPECIAL_TOKENS, UNK_ID, Tokenizer
 
-# Our module names, component by component, to Hugging Face's (the same in all four classes).
+# Our module names, component by component, to Hugging Face's (the same in all three classes).
 HF_NAMES = {
     "wte": "embed_tokens", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn": "self_attn", "ffn": "mlp", "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
@@ -36,27 +55,54 @@ HF_NAMES = {
     "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj",
 }
 
+# Tokenizer.render_chat's ChatML, token for token: each message is "<|im_start|>{role}\n{content}<|im_end|>\n".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "TokenizersBackend",  # reads tokenizer.json as it is (LlamaTokenizer would build Metaspace)
+    "bos_token": SPECIAL_TOKENS[BOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID], "unk_token": SPECIAL_TOKENS[UNK_ID],
+    "eos_token": SPECIAL_TOKENS[IM_END_ID],  # what a chat reply ends with; GENERATION_CONFIG stops at </s> too
+    # Training documents start without <s> (each ends with </s>), so a prompt is encoded without either.
+    "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+    "chat_template": CHAT_TEMPLATE,
+}
+
+# Chat replies end with <|im_end|>, documents with </s>: generate() stops at either, as chat.py does.
+GENERATION_CONFIG = {"bos_token_id": BOS_ID, "eos_token_id": [IM_END_ID, EOS_ID], "pad_token_id": PAD_ID}
+
 README = """# {name}
 
 Exported by myllm's export_hf.py from `{ckpt}` ({arch}, {params:,} parameters).
 
 ```python
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 model = AutoModelForCausalLM.from_pretrained("{out}")
+tok = AutoTokenizer.from_pretrained("{out}")
+generate = pipeline("text-generation", model="{out}")
+generate("def fibonacci(n):", max_new_tokens=32, do_sample=False)
+generate([{{"role": "user", "content": "What is 2 + 3?"}}], max_new_tokens=32)  # ChatML, ends at <|im_end|>
 ```
 
-The tokenizer is myllm's lossless sentencepiece BPE (`tokenizer.model`; ids: <pad> {pad}, <s> {bos}, </s> {eos}).
-Load it with myllm's `tokenizer.py`, which round-trips every string exactly:
+The tokenizer is myllm's lossless sentencepiece BPE (`tokenizer.model`), written for transformers as
+`tokenizer.json`: it gives the ids of myllm's `Tokenizer.encode` for every text, and `tok.decode(tok(text).input_ids)
+== text` (code, Chinese, emoji, runs of spaces and tabs, a literal U+2581 included). A prompt is encoded without
+`<s>`, as training documents were (each ended with `</s>`). `tok.apply_chat_template` gives the ids of
+`Tokenizer.render_chat`; `eos_token` is `<|im_end|>`, and generation stops there or at `</s>`
+(generation_config.json). Special token ids: {ids}.
 
-```python
-from tokenizer import Tokenizer
-tok = Tokenizer("{out}/tokenizer.model")
-ids = tok.encode("def fibonacci(n):")
-```
+Where it differs from myllm's `tokenizer.py`, and why:
+- Text containing a special token's own text (`<|im_start|>`, `</s>`, ...) gets that token's id: transformers
+  matches special tokens in text, while `tokenizer.py` encodes them as characters, so no message can forge a turn.
+  `split_special_tokens=True` would agree with `tokenizer.py`, but then the chat template's tokens are text too.
+- `tok.decode` writes `<s>`, `</s>`, `<pad>` and `<unk>` (`tokenizer.py` writes nothing for them); with
+  `skip_special_tokens=True` it also drops `<|im_start|>` and `<|im_end|>` (`tokenizer.py` writes them).
+- Byte tokens that are not valid UTF-8 (no text encodes to them; a sampled model can produce them) decode to one
+  U+FFFD per byte of the whole run of bytes; sentencepiece replaces only the bytes that are invalid.
 
-Plain sentencepiece (`sentencepiece.SentencePieceProcessor(model_file="tokenizer.model").encode(text)`) gives the
-same ids for any text without a literal U+2581 character (`tokenizer.py` escapes that one as its UTF-8 bytes).
-No transformers tokenizer files are written: the export writes only what it has checked to be exact.
+`from tokenizer import Tokenizer; Tokenizer("{out}/tokenizer.model")` loads the same tokenizer in myllm.
 """
 
 
@@ -69,7 +115,10 @@ def hf_architecture(config: ModelConfig) -> str:
         return "DeepseekV3ForCausalLM"
     if config.n_routed_experts:
         return "Glm4MoeForCausalLM"
-    return "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
+    # q/k/v biases or not. Not Qwen2ForCausalLM for the biases: transformers 5 gives every qwen2 checkpoint
+    # Qwen2Tokenizer (NFC, a byte-level pre-tokenizer), whatever tokenizer_config.json names, and our tokenizer
+    # would be lost. Llama's attention_bias, with o_proj biases of zero (hf_state_dict), is the same function.
+    return "LlamaForCausalLM"
 
 
 def hf_config(config: ModelConfig, arch: str) -> dict:
@@ -89,9 +138,7 @@ def hf_config(config: ModelConfig, arch: str) -> dict:
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
     }
     if arch == "LlamaForCausalLM":
-        hf |= {"model_type": "llama", "head_dim": config.head_dim, "attention_bias": False, "mlp_bias": False}
-    elif arch == "Qwen2ForCausalLM":
-        hf |= {"model_type": "qwen2", "use_sliding_window": False}
+        hf |= {"model_type": "llama", "head_dim": config.head_dim, "attention_bias": config.qkv_bias, "mlp_bias": False}
     if config.n_routed_experts or arch == "DeepseekV3ForCausalLM":
         hf |= {"n_routed_experts": config.n_routed_experts, "n_shared_experts": config.n_shared_experts,
                "num_experts_per_tok": config.num_experts_per_tok, "moe_intermediate_size": config.moe_inter_dim,
@@ -139,7 +186,44 @@ def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
         if hf_name.endswith("mlp.gate.bias"):
             hf_name = hf_name.replace("gate.bias", "gate.e_score_correction_bias")
         out[hf_name if hf_name.startswith("lm_head") else "model." + hf_name] = tensor.detach().contiguous()
+        if arch == "LlamaForCausalLM" and name.endswith("attn.wq.bias"):  # attention_bias puts one on o_proj too
+            out["model." + hf_name.replace("q_proj", "o_proj")] = torch.zeros(c.n_embd, dtype=tensor.dtype)
     return out
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """Our sentencepiece BPE as a `tokenizers.Tokenizer` (the module docstring says why it is exact), checked on the
+    text of every piece and on all of them joined. ValueError if any text gets other ids."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models  # the "hf" extra, as safetensors
+
+    sp = tokenizer.sp
+    pieces = [sp.id_to_piece(i).replace(SPACE_MARK, " ") for i in range(tokenizer.vocab_size)]
+    text_ids = [i for i in range(tokenizer.vocab_size) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+    bpe = models.BPE(vocab={piece: i for i, piece in enumerate(pieces)}, merges=bpe_merges(sp, pieces, text_ids),
+                     unk_token=SPECIAL_TOKENS[UNK_ID], byte_fallback=True)
+    hf = HFTokenizer(bpe)  # no normaliser and no pre-tokenizer: sentencepiece encodes with neither
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    texts = [pieces[i] for i in text_ids]
+    texts.append("".join(texts))
+    theirs = hf.encode_batch(texts, add_special_tokens=False)
+    for text, ours, encoding in zip(texts, tokenizer.encode_batch(texts, num_threads=1), theirs):
+        if ours != encoding.ids:
+            raise ValueError(f"the Hugging Face tokenizer encodes {text!r} to {encoding.ids}, ours to {ours}")
+    return hf
+
+
+def bpe_merges(sp, pieces: list[str], text_ids: list[int]) -> list[tuple[str, str]]:
+    """Every split of a text piece into two text pieces, ranked by the piece's score, best first: sentencepiece
+    merges any two neighbours that make a piece (not only the pair the trainer joined), the best-scored first. Byte
+    pieces and special tokens are never made by a merge: sentencepiece does not match them in text."""
+    merged = sorted((i for i in text_ids if len(pieces[i]) > 1), key=lambda i: -sp.get_score(i))
+    scores = [sp.get_score(i) for i in merged]
+    if len(set(scores)) < len(scores):  # tokenizer.py's BPE scores its k-th merge -k; ties would break exactness
+        raise ValueError("the tokenizer's merged pieces share scores: not a sentencepiece BPE model from tokenizer.py")
+    is_text = {pieces[i] for i in text_ids}
+    return [(piece[:k], piece[k:]) for piece in (pieces[i] for i in merged) for k in range(1, len(piece))
+            if piece[:k] in is_text and piece[k:] in is_text]
 
 
 def export(model: Transformer, tokenizer_path: str, out_dir: str, source: str = "") -> str:
@@ -148,17 +232,29 @@ def export(model: Transformer, tokenizer_path: str, out_dir: str, source: str = 
 
     arch = hf_architecture(model.config)
     config, weights = hf_config(model.config, arch), hf_state_dict(model, arch)
+    hf = hf_tokenizer(Tokenizer(tokenizer_path))
     os.makedirs(out_dir, exist_ok=True)
     with atomic_write(os.path.join(out_dir, "model.safetensors")) as f:
         f.write(save(weights, metadata={"format": "pt"}))
     copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
     readme = README.format(name=os.path.basename(os.path.abspath(out_dir)), ckpt=source, arch=arch, out=out_dir,
-                           params=model.num_params(non_embedding=False), pad=PAD_ID, bos=BOS_ID, eos=EOS_ID)
-    with atomic_write(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(readme)
-    with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:  # last: a folder with config.json is complete
-        f.write(json.dumps(config, indent=2) + "\n")
+                           params=model.num_params(non_embedding=False),
+                           ids=", ".join(f"`{token}` {i}" for i, token in enumerate(SPECIAL_TOKENS)))
+    files = {
+        "tokenizer.json": hf.to_str(pretty=True),
+        "tokenizer_config.json": to_json(TOKENIZER_CONFIG),
+        "generation_config.json": to_json(GENERATION_CONFIG),
+        "README.md": readme,
+        "config.json": to_json(config),  # last: a folder with a config.json is complete
+    }
+    for name, text in files.items():
+        with atomic_write(os.path.join(out_dir, name), "w") as f:
+            f.write(text)
     return arch
+
+
+def to_json(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"cannot export {args.ckpt} exactly: {e}")
     except ImportError:
-        raise SystemExit("export_hf.py needs safetensors: pip install '.[hf]'")
+        raise SystemExit("export_hf.py needs safetensors and tokenizers: pip install '.[hf]'")
     except OSError as e:  # an --out that cannot be created or written, a full disk
         raise SystemExit(f"export_hf.py: cannot write {e.filename or args.out}: {e.strerror}")
     print(f"wrote {args.out} ({arch}); load it with AutoModelForCausalLM.from_pretrained({args.out!r})", file=sys.stderr)
