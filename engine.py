@@ -45,8 +45,9 @@ class SlotCache:
     that row's own position and returns the whole rows. length is the longest row (forward's context check)."""
 
     def __init__(self, config, n_rows, device):
-        self.n_layer, self.max_len = config.n_layer, config.block_size
-        self.tensors = None  # (n_layer, n_rows, heads, block_size, dim) each, allocated by the first insert
+        self.max_len = config.block_size
+        self.tensors = None  # (full-attention layers, n_rows, heads, block_size, dim) each, allocated by the first insert
+        self.linear_states = {}  # layer -> (conv state, S) of every row, for linear-attention layers
         self.key_is_real = torch.zeros(n_rows, config.block_size, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.padded = True  # rows of different lengths: forward always needs the mask
@@ -57,11 +58,16 @@ class SlotCache:
 
     def insert(self, row, cache: KVCache):
         """Take a prefilled one-row KVCache (a prompt of cache.length tokens) into row."""
-        n = cache.length
-        if self.tensors is None:
-            self.tensors = [t.new_zeros(t.size(0), self.key_is_real.size(0), *t.shape[2:]) for t in cache.tensors]
-        for stored, t in zip(self.tensors, cache.tensors):
+        n, n_rows = cache.length, self.key_is_real.size(0)
+        if self.tensors is None and cache.tensors is not None:
+            self.tensors = [t.new_zeros(t.size(0), n_rows, *t.shape[2:]) for t in cache.tensors]
+        for stored, t in zip(self.tensors or [], cache.tensors or []):
             stored[:, row, :, :n] = t[:, 0, :, :n]
+        for layer, state in cache.linear_states.items():
+            if layer not in self.linear_states:
+                self.linear_states[layer] = tuple(t.new_zeros(n_rows, *t.shape[1:]) for t in state)
+            for stored, t in zip(self.linear_states[layer], state):
+                stored[row] = t[0]
         self.key_is_real[row] = False  # what a previous sequence left beyond n is masked, then overwritten
         self.key_is_real[row, :n] = True
         self.n_real[row] = n

@@ -108,6 +108,9 @@ Where it differs from myllm's `tokenizer.py`, and why:
 
 def hf_architecture(config: ModelConfig) -> str:
     """The transformers class that computes exactly our model, or ValueError saying why none does."""
+    if "linear_attention" in config.layer_types:
+        raise ValueError("linear-attention layers (Gated DeltaNet): Qwen3-Next computes them, with norms, attention "
+                         "and MLP of its own that this export does not write yet")
     if config.n_routed_experts and config.scoring_func != "sigmoid":
         raise ValueError("transformers' DeepSeek-style routers (DeepseekV3, Glm4Moe) score experts with a sigmoid, "
                          f"not {config.scoring_func}")

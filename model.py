@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from linear_attention import GatedDeltaNet
 from lora import LoRALinear
 
 # rope_scaling types: (required keys, optional keys), spelled as Hugging Face's config.json spells them. One addition:
@@ -81,6 +82,18 @@ class ModelConfig:
     first_k_dense_replace: int = 1  # the first layers keep the dense MLP (DeepSeek-V3: 3 of 61)
     bias_update_rate: float = 1e-3  # gamma of auxiliary-loss-free balancing (DeepSeek-V3's value)
     balance_loss_coef: float = 0.0  # alpha of the sequence-wise balance loss; 0 = off (DeepSeek-V3: 1e-4)
+    # Linear attention (linear_attention.py: Gated DeltaNet), with transformers' Qwen3-Next names. layer_types gives
+    # each layer's mixer, "full_attention" (attn above) or "linear_attention"; left empty, every
+    # full_attention_interval-th layer is full and the others linear: 1 (the default) is all full attention,
+    # Qwen3-Next's 4 is three linear layers to one full, 0 is linear only.
+    layer_types: list = field(default_factory=list)
+    full_attention_interval: int = 1
+    linear_num_key_heads: int = 0  # query/key heads; 0 = n_kv_head
+    linear_num_value_heads: int = 0  # value heads, each with its own state; 0 = n_head
+    linear_key_head_dim: int = 0  # 0 = head_dim
+    linear_value_head_dim: int = 0  # 0 = head_dim
+    linear_conv_kernel_dim: int = 4  # the short causal convolution over q, k, v: this many tokens
+    linear_chunk_size: int = 64  # tokens per chunk of the chunked (training) form; the result does not depend on it
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -120,6 +133,7 @@ class ModelConfig:
             self.inter_dim = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_routed_experts:
             self._check_moe()
+        self._check_layer_types()
 
     def _check_rope_scaling(self):
         if not self.rope_scaling:
@@ -135,6 +149,31 @@ class ModelConfig:
             raise ValueError(f"rope_scaling of type {kind!r} has unknown keys {sorted(keys - required - optional)}")
         if not self.rope_scaling["factor"] >= 1:
             raise ValueError(f"rope_scaling['factor'] must be >= 1, got {self.rope_scaling['factor']}")
+
+    def _check_layer_types(self):
+        if not self.layer_types:
+            if self.full_attention_interval < 0:
+                raise ValueError(f"full_attention_interval must be >= 0, got {self.full_attention_interval}")
+            every = self.full_attention_interval
+            self.layer_types = ["full_attention" if every and (i + 1) % every == 0 else "linear_attention"
+                                for i in range(self.n_layer)]
+        types = self.layer_types
+        if len(types) != self.n_layer or set(types) - {"full_attention", "linear_attention"}:
+            raise ValueError(f"layer_types must list 'full_attention' or 'linear_attention' for each of the {self.n_layer}"
+                             f" layers, got {types!r}")
+        if "linear_attention" not in types:
+            return
+        for name, default in (("linear_num_key_heads", self.n_kv_head), ("linear_num_value_heads", self.n_head),
+                              ("linear_key_head_dim", self.head_dim), ("linear_value_head_dim", self.head_dim)):
+            if getattr(self, name) == 0:
+                setattr(self, name, default)
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                             f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if self.linear_conv_kernel_dim < 2 or self.linear_chunk_size < 1:
+            raise ValueError("linear_conv_kernel_dim must be >= 2 and linear_chunk_size >= 1")
 
     def _check_moe(self):
         E, k, groups = self.n_routed_experts, self.num_experts_per_tok, self.n_group
@@ -602,30 +641,39 @@ class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.attn = MLA(config, layer_id) if config.attn == "mla" else Attention(config, layer_id)
+        self.linear = config.layer_types[layer_id] == "linear_attention"
+        slot = config.layer_types[:layer_id].count("full_attention")  # the KV cache holds full-attention layers only
+        if self.linear:
+            self.attn = GatedDeltaNet(config, layer_id)
+        else:
+            self.attn = MLA(config, slot) if config.attn == "mla" else Attention(config, slot)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         # DeepSeek keeps the first layers dense: routing on barely-processed token embeddings balances poorly.
         moe = config.n_routed_experts > 0 and layer_id >= config.first_k_dense_replace
         self.ffn = MoE(config) if moe else MLP(config.n_embd, config.inter_dim)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, kv_cache):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, mask, kv_cache))
+    def forward(self, x, rope, mask, kv_cache, is_real):
+        h = self.attn_norm(x)
+        h = self.attn(h, is_real, kv_cache) if self.linear else self.attn(h, rope, mask, kv_cache)
+        x = x + self.resid_dropout(h)
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
 
 class KVCache:
     """What attention needs of the tokens seen so far, so that each generation step runs only the new tokens.
 
-    Per layer: keys and values (B, n_kv_head, S, head_dim) for GQA; for MLA one tensor (B, 1, S, kv_lora_rank +
-    qk_rope_head_dim), the normalised latent and the rope key. Preallocated for max_len positions, of which
-    `length` are filled. It also remembers which cached keys are real tokens (not padding) and how many real
-    tokens each row has, which is the next token's RoPE position.
+    Per full-attention layer: keys and values (B, n_kv_head, S, head_dim) for GQA; for MLA one tensor (B, 1, S,
+    kv_lora_rank + qk_rope_head_dim), the normalised latent and the rope key. Preallocated for max_len positions,
+    of which `length` are filled. It also remembers which cached keys are real tokens (not padding) and how many
+    real tokens each row has, which is the next token's RoPE position. A linear-attention layer keeps instead a
+    state of fixed size per row, (conv state, S) (linear_attention.GatedDeltaNet), in linear_states.
     """
 
     def __init__(self, config, batch_size, max_len, device=None):
-        self.n_layer, self.max_len = config.n_layer, max_len
+        self.n_layer, self.max_len = config.layer_types.count("full_attention"), max_len
         self.tensors = None  # allocated by the first update(), in its dtype (bf16 under autocast)
+        self.linear_states = {}  # layer index -> (conv state, S), each (B, ...)
         self.key_is_real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.padded = False  # whether any cached key is padding
@@ -638,7 +686,17 @@ class KVCache:
             per_layer = config.kv_lora_rank + config.qk_rope_head_dim
         else:
             per_layer = 2 * config.n_kv_head * config.head_dim  # a key and a value per kv head
-        return config.n_layer * per_layer * dtype.itemsize
+        return config.layer_types.count("full_attention") * per_layer * dtype.itemsize
+
+    @staticmethod
+    def bytes_per_sequence(config, dtype=torch.float32):
+        """The linear-attention layers' cache of one sequence, whatever its length: the conv's last inputs, and S in
+        float32 (the rule runs in float32: a state summed over thousands of tokens in bf16 would lose its small terms)."""
+        key_dim, value_dim = config.linear_num_key_heads * config.linear_key_head_dim, \
+            config.linear_num_value_heads * config.linear_value_head_dim
+        conv = (2 * key_dim + value_dim) * (config.linear_conv_kernel_dim - 1) * dtype.itemsize
+        state = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+        return config.layer_types.count("linear_attention") * (conv + state)
 
     def append(self, is_real):
         """Take T new tokens, is_real (B, T); return the real-key mask of all tokens so far (B, length)."""
@@ -652,6 +710,8 @@ class KVCache:
         """Keep the rows of the given indices (B',), in that order, repeats allowed: beam search's reorder."""
         if self.tensors is not None:
             self.tensors = [t.index_select(1, rows) for t in self.tensors]
+        self.linear_states = {layer: tuple(t.index_select(0, rows) for t in state)
+                              for layer, state in self.linear_states.items()}
         self.key_is_real, self.n_real = self.key_is_real.index_select(0, rows), self.n_real.index_select(0, rows)
 
     def update(self, layer, *new):
@@ -742,6 +802,8 @@ class Transformer(nn.Module):
         # keeps the stream's scale independent of n_layer at initialisation.
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():  # a tied matrix is listed (and initialised) once
+            if name.endswith(("A_log", "dt_bias", "conv.weight")):
+                continue  # GatedDeltaNet initialises its decays and its convolution itself (see there)
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
             elif name.endswith("bias"):
@@ -778,6 +840,9 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             if kv_cache is not None or attention_mask is not None:
                 raise ValueError("doc_ids is for packed training windows: no padding mask, no KV cache")
+            if "linear_attention" in self.config.layer_types:
+                raise ValueError("packed documents (fine-tuning data) with linear-attention layers: the state would "
+                                 "carry one conversation into the next, and a per-document reset is not written yet")
             return self.forward_packed(idx, targets, doc_ids)
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -796,7 +861,7 @@ class Transformer(nn.Module):
         # Without padding, the two common cases need no mask tensor: training (T == S) and generating one token.
         mask = make_attention_mask(key_is_real, T) if padded or 1 < T < start + T else None
 
-        return self.logits_and_loss(idx, targets, positions, mask, kv_cache)
+        return self.logits_and_loss(idx, targets, positions, mask, kv_cache, is_real)
 
     def forward_packed(self, idx, targets, doc_ids):
         T = idx.size(1)
@@ -807,7 +872,7 @@ class Transformer(nn.Module):
         starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
         positions = steps - torch.where(starts, steps, 0).cummax(dim=1).values  # (B, T): steps since the start
         mask = (*make_attention_mask(torch.ones_like(doc_ids, dtype=torch.bool), T, doc_ids), doc_ids)
-        logits, _ = self.logits_and_loss(idx, None, positions, mask, None)
+        logits, _ = self.logits_and_loss(idx, None, positions, mask, None, None)
         if targets is None:
             return logits, None
         # The mean over the targets there are: a window of prompts only (all -100) adds 0, where the mean would
@@ -815,11 +880,11 @@ class Transformer(nn.Module):
         nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return logits, nats / (targets != -100).sum().clamp(min=1) + self.balance_penalty()
 
-    def logits_and_loss(self, idx, targets, positions, mask, kv_cache):
+    def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real):
         x = self.wte(idx)  # (B, T, n_embd)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:
-            x = block(x, rope, mask, kv_cache)
+            x = block(x, rope, mask, kv_cache, is_real)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -865,7 +930,12 @@ class Transformer(nn.Module):
         c = self.config
         matmuls = sum(m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, Gate)))
         d_qk, d_v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.head_dim,) * 2
-        return 6.0 * (matmuls - self.unused_expert_params()) + 6.0 * c.n_layer * c.n_head * (d_qk + d_v) * c.block_size
+        full = c.layer_types.count("full_attention") * c.n_head * (d_qk + d_v) * c.block_size
+        # A linear layer per token and head: reading and writing S (2 d_k d_v each) and the chunk's own scores and
+        # solve (about chunk (d_k + d_v)), whatever the context.
+        d_k, d_v, chunk = c.linear_key_head_dim, c.linear_value_head_dim, min(c.linear_chunk_size, c.block_size)
+        linear = c.layer_types.count("linear_attention") * c.linear_num_value_heads * (4 * d_k * d_v + chunk * (d_k + d_v))
+        return 6.0 * (matmuls - self.unused_expert_params()) + 6.0 * (full + linear)
 
     @torch.inference_mode()  # no autograd bookkeeping at all: each of the many small ops per token costs less
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,

@@ -691,9 +691,14 @@ def take_base_shape(c: dict, base: dict) -> None:
 
 def model_config_of(c: dict, data: TokenData) -> ModelConfig:
     try:
-        return ModelConfig(vocab_size=data.vocab_size, **{k: c[k] for k in MODEL_KEYS})
+        config = ModelConfig(vocab_size=data.vocab_size, **{k: c[k] for k in MODEL_KEYS})
     except ValueError as e:
         raise SystemExit(f"model config: {e}") from None
+    if data.packs is not None and "linear_attention" in config.layer_types:
+        raise SystemExit(f"{c['data_dir']} holds conversations, packed several to a window, and linear-attention "
+                         "layers would carry one conversation's state into the next (a per-document reset is not "
+                         "written yet): fine-tune a model without them")
+    return config
 
 
 def read_base_checkpoint(c: dict, device: str) -> dict | None:

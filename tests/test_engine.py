@@ -46,7 +46,11 @@ def tiny_model(vocab_size, **arch):
     return Transformer(config).eval()
 
 
-@pytest.mark.parametrize("arch", [{}, MLA_TINY], ids=["gqa", "mla"])
+HYBRID = dict(layer_types=["linear_attention", "full_attention"], linear_chunk_size=4)
+
+
+@pytest.mark.parametrize("arch", [{}, MLA_TINY, HYBRID, {**HYBRID, "layer_types": ["linear_attention"] * 2}],
+                         ids=["gqa", "mla", "hybrid", "linear"])
 def test_each_step_equals_a_full_forward_of_the_sequence(tokenizer, monkeypatch, arch):
     model = tiny_model(tokenizer.vocab_size, **arch).double()
     seen = []  # (choice, tokens so far, the logits it picked from)

@@ -24,7 +24,13 @@ from model import (
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 MLA_TINY = dict(attn="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
 MOE_TINY = dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, moe_inter_dim=16)
-ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **MOE_TINY}}
+HYBRID = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+              linear_key_head_dim=6, linear_value_head_dim=5, linear_chunk_size=4)
+ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **MOE_TINY},
+         # Gated DeltaNet layers (linear_attention.py) beside full ones; the second with MLA and, on the linear
+         # layer, MoE; the third linear only.
+         "hybrid": HYBRID, "hybrid_mla_moe": {**HYBRID, **MLA_TINY, **MOE_TINY, "layer_types": ["full_attention", "linear_attention"]},
+         "linear": {**HYBRID, "layer_types": [], "full_attention_interval": 0}}
 assert_close = torch.testing.assert_close
 
 
@@ -93,11 +99,24 @@ def test_config_gives_experts_the_dense_width_between_them():
         (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
         (dict(n_routed_experts=8, scoring_func="relu"), "scoring_func"),
         (dict(n_routed_experts=8, first_k_dense_replace=9), "first_k_dense_replace"),
+        (dict(n_layer=2, layer_types=["full_attention"]), "layer_types"),
+        (dict(n_layer=1, layer_types=["sliding_attention"]), "layer_types"),
+        (dict(full_attention_interval=-1), "full_attention_interval"),
+        (dict(full_attention_interval=0, linear_num_key_heads=3, linear_num_value_heads=4), "linear_num_value_heads"),
+        (dict(full_attention_interval=0, linear_conv_kernel_dim=1), "linear_conv_kernel_dim"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**overrides)
+
+
+def test_layer_types_default_to_every_interval_th_layer_full_as_qwen3_next():
+    assert ModelConfig(n_layer=3).layer_types == ["full_attention"] * 3
+    assert ModelConfig(n_layer=8, full_attention_interval=4).layer_types == (["linear_attention"] * 3 + ["full_attention"]) * 2
+    linear = ModelConfig(n_layer=2, n_head=8, n_kv_head=2, n_embd=256, full_attention_interval=0)
+    assert linear.layer_types == ["linear_attention"] * 2
+    assert (linear.linear_num_key_heads, linear.linear_num_value_heads, linear.linear_key_head_dim) == (2, 8, 32)
 
 
 # ----------------------------------------------------------------------------- RMSNorm and RoPE
@@ -220,7 +239,7 @@ def test_attention_matches_float64_brute_force(impl):
     assert (got[0, :, 0] == 0).all()
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla", "moe"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_changing_a_future_token_keeps_earlier_logits(impl, arch):
     model = make_model(attn_impl=impl, **ARCHS[arch])
@@ -276,7 +295,7 @@ def test_padding_rows_output_zeros_and_gradients_stay_finite(impl, arch):
         assert (out[mask == 1] != 0).any()
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla", "moe"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_left_padded_rows_match_unpadded_rows(impl, arch):
     model = make_model(attn_impl=impl, **ARCHS[arch])
@@ -293,7 +312,7 @@ def test_left_padded_rows_match_unpadded_rows(impl, arch):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("chunks", [[4, 1, 1, 1, 1, 1, 1], [6, 4]], ids=["token_by_token", "two_chunks"])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear"])
 def test_cached_logits_match_uncached(impl, chunks, padded, arch):
     # For MLA this is the absorbed path (latent cache) against the naive one (no cache).
     model = lively_model(attn_impl=impl, **ARCHS[arch])
@@ -333,7 +352,7 @@ def greedy_with_uncached_forwards(model, idx, n_tokens, attention_mask=None):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("prompt_len", [5, 20])  # block_size is 16: 20 starts beyond it
-@pytest.mark.parametrize("arch", ["gqa", "mla_moe"])
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe"])
 def test_greedy_generate_matches_uncached_forwards_past_block_size(impl, prompt_len, arch):
     model = lively_model(attn_impl=impl, **ARCHS[arch])
     idx = torch.randint(0, 64, (2, prompt_len))
@@ -420,6 +439,25 @@ def test_kv_cache_holds_bytes_per_token(arch, per_layer):
     model(torch.randint(0, 64, (3, 5)), kv_cache=cache)
     stored = sum(t.numel() * t.element_size() for t in cache.tensors) / (3 * 16)
     assert stored == KVCache.bytes_per_token(model.config) == 2 * per_layer * 4  # 2 layers, float32
+
+
+def test_a_hybrid_caches_keys_for_its_full_layers_and_a_fixed_state_for_its_linear_ones():
+    model = make_model(dtype=torch.float32, **ARCHS["hybrid"])  # layer 0 linear, layer 1 full
+    sizes = []
+    for n in (3, 12):
+        cache = KVCache(model.config, 2, 16)
+        model(torch.randint(0, 64, (2, n)), kv_cache=cache)
+        stored = sum(t.numel() * t.element_size() for t in cache.tensors) / (2 * 16)
+        assert stored == KVCache.bytes_per_token(model.config) == 2 * 2 * 8 * 4  # one full layer's k and v
+        sizes.append(sum(t.numel() * t.element_size() for t in cache.linear_states[0]) / 2)
+    # The conv keeps 3 inputs of q, k (2 heads of 6) and v (4 heads of 5); S is 4 heads of 6 x 5 in float32.
+    assert sizes[0] == sizes[1] == KVCache.bytes_per_sequence(model.config) == (3 * (2 * 12 + 20) + 4 * 6 * 5) * 4
+
+
+def test_packed_documents_are_refused_with_linear_layers():
+    model = make_model(**ARCHS["hybrid"])
+    with pytest.raises(ValueError, match="per-document reset"):
+        model(torch.randint(0, 64, (1, 8)), doc_ids=torch.zeros(1, 8, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------- MoE
