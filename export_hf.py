@@ -9,6 +9,8 @@ transformers class computes to the last digit, and we write its config.json and 
   GQA + dense MLP            LlamaForCausalLM  (qkv_bias: attention_bias, with o_proj's biases zero)
   GQA + DeepSeek MoE         Glm4MoeForCausalLM (GLM-4.5: Llama-style attention, DeepSeek-V3's router)
   MLA, dense MLP or MoE      DeepseekV3ForCausalLM (a model without MoE is one whose dense layers never end)
+  linear attention, qk_norm  Qwen3NextForCausalLM (Gated DeltaNet beside full attention with q/k norm and an
+  + attn_output_gate, dense  output gate; its norms scale by 1 + w, so we write our gain minus 1, where exact)
 Anything no class represents exactly is refused with the reason; an approximate export is never written.
 tests/test_export_hf.py loads every family back into transformers and compares logits and generations.
 
@@ -108,9 +110,8 @@ Where it differs from myllm's `tokenizer.py`, and why:
 
 def hf_architecture(config: ModelConfig) -> str:
     """The transformers class that computes exactly our model, or ValueError saying why none does."""
-    if "linear_attention" in config.layer_types:
-        raise ValueError("linear-attention layers (Gated DeltaNet): Qwen3-Next computes them, with norms, attention "
-                         "and MLP of its own that this export does not write yet")
+    if "linear_attention" in config.layer_types or config.qk_norm or config.attn_output_gate:
+        return qwen3_next_architecture(config)
     if config.n_routed_experts and config.scoring_func != "sigmoid":
         raise ValueError("transformers' DeepSeek-style routers (DeepseekV3, Glm4Moe) score experts with a sigmoid, "
                          f"not {config.scoring_func}")
@@ -122,6 +123,24 @@ def hf_architecture(config: ModelConfig) -> str:
     # Qwen2Tokenizer (NFC, a byte-level pre-tokenizer), whatever tokenizer_config.json names, and our tokenizer
     # would be lost. Llama's attention_bias, with o_proj biases of zero (hf_state_dict), is the same function.
     return "LlamaForCausalLM"
+
+
+def qwen3_next_architecture(config: ModelConfig) -> str:
+    """Qwen3-Next's attention layers always normalise q and k and gate their output; its experts are not
+    DeepSeek's. So: a full-attention layer needs both options, and the MLP is dense."""
+    full = "full_attention" in config.layer_types
+    if not full:
+        raise ValueError("transformers' Qwen3-Next cannot generate without a full-attention layer (its cache takes "
+                         "the mask's size from one): keep at least one")
+    if not (config.qk_norm and config.attn_output_gate):
+        raise ValueError("Qwen3-Next (the class that computes linear-attention layers, q/k norm and the output gate) "
+                         "normalises q and k and gates the output of every full-attention layer: set both qk_norm "
+                         "and attn_output_gate")
+    if config.n_routed_experts:
+        raise ValueError("Qwen3-Next's experts use a softmax router and a gated shared expert, not DeepSeek's")
+    if config.qkv_bias:
+        raise ValueError("Qwen3-Next puts no biases on q, k and v alone (attention_bias adds one to o_proj too)")
+    return "Qwen3NextForCausalLM"
 
 
 def hf_config(config: ModelConfig, arch: str) -> dict:
@@ -153,6 +172,14 @@ def hf_config(config: ModelConfig, arch: str) -> dict:
         rope["partial_rotary_factor"] = 1.0  # GLM-4.5 rotates half of each head; ours rotate all of it
         hf |= {"model_type": "glm4_moe", "head_dim": config.head_dim, "attention_bias": config.qkv_bias,
                "use_qk_norm": False}
+    elif arch == "Qwen3NextForCausalLM":
+        rope["partial_rotary_factor"] = 1.0  # Qwen3-Next's default rotates a quarter of each head; ours all of it
+        hf |= {"model_type": "qwen3_next", "head_dim": config.head_dim, "attention_bias": False,
+               "layer_types": config.layer_types, "linear_num_key_heads": config.linear_num_key_heads,
+               "linear_num_value_heads": config.linear_num_value_heads,
+               "linear_key_head_dim": config.linear_key_head_dim,
+               "linear_value_head_dim": config.linear_value_head_dim,
+               "linear_conv_kernel_dim": config.linear_conv_kernel_dim, "num_experts": 0, "mlp_only_layers": []}
     elif arch == "DeepseekV3ForCausalLM":
         hf |= {"model_type": "deepseek_v3", "num_key_value_heads": config.n_head,  # MLA: every head its own key
                "q_lora_rank": config.q_lora_rank or None, "kv_lora_rank": config.kv_lora_rank,
@@ -177,6 +204,8 @@ def interleave_rope_rows(weight: torch.Tensor, period: int, rope_dim: int) -> to
 def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Our weights under transformers' names. A tied lm_head is left out: tie_word_embeddings reties it."""
     c = model.config
+    if arch == "Qwen3NextForCausalLM":
+        return qwen3_next_state_dict(model)
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
@@ -192,6 +221,49 @@ def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
         if arch == "LlamaForCausalLM" and name.endswith("attn.wq.bias"):  # attention_bias puts one on o_proj too
             out["model." + hf_name.replace("q_proj", "o_proj")] = torch.zeros(c.n_embd, dtype=tensor.dtype)
     return out
+
+
+def zero_centered(name: str, gain: torch.Tensor) -> torch.Tensor:
+    """Qwen3-Next's RMSNorm scales by 1 + w (w starts at 0, so weight decay pulls the gain toward 1, not 0): our
+    gain g is written as g - 1, which is exact for every g in [0.5, 2^24] (Sterbenz), checked for the g there are."""
+    w = gain.detach() - 1
+    if not torch.equal(1 + w, gain.detach()):
+        raise ValueError(f"{name}: a norm gain (say {gain.min().item():g}) that 1 + w cannot give back exactly")
+    return w
+
+
+def qwen3_next_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Qwen3NextForCausalLM's weights. A linear layer's projections are fused in transformers per key head:
+    in_proj_qkvz rows are, for each of the linear_num_key_heads, [q, k, the v and z of its value heads], and
+    in_proj_ba rows [b, a of its value heads]; a full layer's q_proj rows are [q, gate] per head."""
+    c = model.config
+    out = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": zero_centered("norm", model.norm.weight)}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight
+    groups = c.linear_num_key_heads
+    for i, block in enumerate(model.layers):
+        at, a = f"model.layers.{i}.", block.attn
+        out[at + "input_layernorm.weight"] = zero_centered(f"layer {i} attn_norm", block.attn_norm.weight)
+        out[at + "post_attention_layernorm.weight"] = zero_centered(f"layer {i} ffn_norm", block.ffn_norm.weight)
+        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            out[at + f"mlp.{theirs}.weight"] = getattr(block.ffn, ours).weight
+        if block.linear:
+            per_group = lambda w: w.view(groups, -1, w.size(-1))  # noqa: E731 (rows of each key head's group)
+            qkvz = torch.cat([per_group(m.weight) for m in (a.wq, a.wk, a.wv, a.wz)], dim=1)
+            out |= {at + "linear_attn.in_proj_qkvz.weight": qkvz.reshape(-1, c.n_embd),
+                    at + "linear_attn.in_proj_ba.weight": torch.cat((per_group(a.wb.weight), per_group(a.wa.weight)),
+                                                                    dim=1).reshape(-1, c.n_embd),
+                    at + "linear_attn.conv1d.weight": a.conv.weight, at + "linear_attn.A_log": a.A_log,
+                    at + "linear_attn.dt_bias": a.dt_bias, at + "linear_attn.norm.weight": a.norm_weight,
+                    at + "linear_attn.out_proj.weight": a.wo.weight}
+        else:
+            q_and_gate = torch.stack((a.wq.weight.view(c.n_head, c.head_dim, -1), a.wg.weight.view(c.n_head, c.head_dim, -1)), 1)
+            out |= {at + "self_attn.q_proj.weight": q_and_gate.reshape(-1, c.n_embd),
+                    at + "self_attn.k_proj.weight": a.wk.weight, at + "self_attn.v_proj.weight": a.wv.weight,
+                    at + "self_attn.o_proj.weight": a.wo.weight,
+                    at + "self_attn.q_norm.weight": zero_centered(f"layer {i} q_norm", a.q_norm.weight),
+                    at + "self_attn.k_norm.weight": zero_centered(f"layer {i} k_norm", a.k_norm.weight)}
+    return {name: t.detach().contiguous() for name, t in out.items()}
 
 
 def hf_tokenizer(tokenizer: Tokenizer):

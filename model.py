@@ -57,6 +57,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head reuses wte's matrix: fewer parameters, as in GPT-2 and small Qwen2
     qkv_bias: bool = False  # Qwen2 puts biases on q, k, v (only)
+    # Two changes to GQA attention that Qwen3-Next's full-attention layers make (and its export needs):
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, OLMo2; Dehghani et al. 2023)
+    attn_output_gate: bool = False  # the output times sigmoid(W_g x), per channel, before wo (Qiu et al. 2025)
     dropout: float = 0.0
     # "auto" (flash on a CUDA GPU, else sdpa), "flash" (our Triton kernels, myllm_kernels/), "sdpa" (PyTorch's fused
     # kernels) or "eager" (the readable reference)
@@ -115,6 +118,8 @@ class ModelConfig:
             if self.n_head % self.n_kv_head:
                 raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         elif self.attn == "mla":
+            if self.qk_norm or self.attn_output_gate:
+                raise ValueError("qk_norm and attn_output_gate are for attn='gqa' (MLA normalises its own latents)")
             for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -419,17 +424,28 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        # q/k norm bounds the attention logits, which otherwise grow with the weights until the softmax saturates
+        # (the instability Dehghani et al. 2023 saw at scale); the gate lets a head output nothing, where softmax
+        # attention must put its weight somewhere (a "sink"), and Qiu et al. 2025 find it trains more stably.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.wg = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False) if config.attn_output_gate else None
 
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)  # (B, n_kv_head, S, hd): cached keys, then the new ones
         y = attention(q, k, v, mask, self.attn_impl, self.dropout if self.training else 0.0)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * hd)
+        if self.wg is not None:
+            y = y * torch.sigmoid(self.wg(x))
+        return self.wo(y)  # (B, T, n_embd)
 
 
 class MLA(nn.Module):

@@ -20,7 +20,7 @@ import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from export_hf import export
+from export_hf import export, hf_architecture
 from model import ModelConfig, Transformer, beam_search
 from checkpoint import load_model
 from tokenizer import EOS_ID, IM_END_ID, IM_START_ID, SPACE_MARK, SPECIAL_TOKENS, Tokenizer, train_tokenizer
@@ -30,7 +30,15 @@ BASE = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_em
 MLA = dict(attn="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
 MOE = dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2, moe_inter_dim=16,
            routed_scaling_factor=2.5)
+LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=6,
+              linear_chunk_size=8)
+GATED = dict(qk_norm=True, attn_output_gate=True)
 FAMILIES = {
+    "qwen3_next_hybrid": (dict(layer_types=["linear_attention", "full_attention"], **GATED, **LINEAR,
+                               tie_embeddings=False), "Qwen3NextForCausalLM"),
+    "qwen3_next_linear_first_tied": (dict(n_layer=3, layer_types=["linear_attention"] * 2 + ["full_attention"],
+                                          **GATED, **LINEAR), "Qwen3NextForCausalLM"),
+    "qwen3_next_full_attention": (dict(**GATED, n_kv_head=1), "Qwen3NextForCausalLM"),
     "llama_gqa_tied": ({}, "LlamaForCausalLM"),
     "llama_mha_untied": (dict(n_kv_head=4, tie_embeddings=False), "LlamaForCausalLM"),
     "llama_qkv_bias": (dict(qkv_bias=True, tie_embeddings=False), "LlamaForCausalLM"),
@@ -225,6 +233,27 @@ def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, merged(idx)[0], rtol=0, atol=1e-4)
         assert (merged(idx)[0] - base(idx)[0]).abs().max() > 1e-3  # the adapters are in it
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(layer_types=["linear_attention"] * 2, **LINEAR), "without a full-attention layer"),
+    (dict(layer_types=["linear_attention", "full_attention"], **LINEAR), "set both qk_norm and attn_output_gate"),
+    (dict(qk_norm=True), "set both qk_norm and attn_output_gate"),
+    (dict(**GATED, **MOE), "softmax router"),
+    (dict(**GATED, qkv_bias=True), "no biases"),
+])
+def test_what_qwen3_next_cannot_compute_is_refused_with_the_reason(overrides, reason):
+    with pytest.raises(ValueError, match=reason):
+        hf_architecture(lively_model(**overrides).config)
+
+
+def test_a_norm_gain_that_one_plus_w_cannot_give_back_is_refused(tmp_path, mixed_tokenizer):
+    model = lively_model(**GATED)
+    with torch.no_grad():
+        model.layers[1].attn.q_norm.weight[3] = 0.1  # 0.1 - 1 rounds: 1 + (0.1 - 1) is not 0.1 in float32
+    with pytest.raises(ValueError, match="layer 1 q_norm"):
+        export(model, mixed_tokenizer, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
 
 
 def test_cli_refuses_what_no_transformers_class_represents(trained_ckpt, tmp_path):

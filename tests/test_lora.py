@@ -57,7 +57,10 @@ def test_merged_computes_what_unmerged_computes(arch):
         merged_model = merge_lora(model)
         merged = merged_model(idx)[0]
     assert not any(isinstance(m, LoRALinear) for m in merged_model.modules())
-    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-6)
+    # (W + s B A) x and W x + s B (A x) round differently; the linear layers' L2 normalisation of q and k turns
+    # that into a little more.
+    tol = 1e-5 if "linear_attention" in model.config.layer_types else 1e-6
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=tol)
     torch.testing.assert_close(cached, unmerged, rtol=0, atol=1e-5)
     # The merged model is the base's shape: its state dict loads into a plain model.
     plain = Transformer(model.config)
