@@ -5,10 +5,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from checkpoint import load_model
 from model import beam_search
+from sample import main as sample_main
 from tokenizer import EOS_ID, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +48,15 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trained_ckpt, tmp
     assert "keeping the last" in result.stderr
 
 
-def test_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path):
-    result = sample("--ckpt", str(tmp_path / "nowhere"))
+def refused(*args) -> str:
+    """sample.py's main in this process (a process each would cost seconds of imports): its one sentence."""
+    with pytest.raises(SystemExit) as e:
+        sample_main(list(args))
+    return str(e.value.code)
+
+
+def test_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path, capsys):
+    result = sample("--ckpt", str(tmp_path / "nowhere"))  # once through the command line: exit 1, no traceback
     assert result.returncode == 1 and "ckpt.pt not found" in result.stderr and "Traceback" not in result.stderr
     # A checkpoint whose weights belong to another model shape.
     other = tmp_path / "other"
@@ -56,27 +65,20 @@ def test_bad_inputs_are_one_clear_sentence(trained_ckpt, tmp_path):
     checkpoint["model_config"]["n_layer"] += 1
     torch.save(checkpoint, other / "ckpt.pt")
     (other / "tokenizer.model").write_bytes(open(os.path.join(trained_ckpt, "tokenizer.model"), "rb").read())
-    result = sample("--ckpt", str(other))
-    assert result.returncode == 1 and "is not a checkpoint of this model code" in result.stderr
+    assert "is not a checkpoint of this model code" in refused("--ckpt", str(other))
     (other / "ckpt.pt").write_bytes(b"torn")
-    result = sample("--ckpt", str(other))
-    assert result.returncode == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
-    result = sample("--ckpt", trained_ckpt, "--prompt_file", str(tmp_path / "missing.txt"))
-    assert result.returncode == 1 and "cannot read --prompt_file" in result.stderr
-    result = sample("--ckpt", trained_ckpt, "--top_p", "1.5")
-    assert result.returncode == 2 and "--top_p must be in (0, 1]" in result.stderr
-    for args, message in ((["--temperature", "nan"], "--temperature must be a number >= 0"),
+    assert "cannot read" in refused("--ckpt", str(other))
+    assert "cannot read --prompt_file" in refused("--ckpt", trained_ckpt, "--prompt_file", str(tmp_path / "missing.txt"))
+    for args, message in ((["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+                          (["--temperature", "nan"], "--temperature must be a number >= 0"),
                           (["--temperature", "inf"], "--temperature must be a number >= 0"),
                           (["--top_p", "nan"], "--top_p must be in (0, 1]"),
                           (["--seed", str(2**70)], "--seed must be between 0 and 2**63 - 1")):
-        result = sample("--ckpt", trained_ckpt, *args)
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+        assert refused("--ckpt", trained_ckpt, *args) == "2" and message in capsys.readouterr().err, args
     (other / "ckpt.pt").write_bytes(b"")  # an empty file once crashed the error message itself
-    result = sample("--ckpt", str(other))
-    assert result.returncode == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+    assert "cannot read" in refused("--ckpt", str(other))
     if not torch.cuda.is_available():
-        result = sample("--ckpt", trained_ckpt, "--device", "cuda")
-        assert result.returncode == 1 and "has no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+        assert "has no CUDA GPU" in refused("--ckpt", trained_ckpt, "--device", "cuda")
 
 
 def test_a_tokenizer_other_than_the_checkpoints_is_refused(trained_ckpt, tmp_path):
@@ -143,16 +145,20 @@ def test_stop_strings_beam_search_and_the_new_options_from_the_command_line(trai
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
 
 
-def test_a_prompts_file_is_one_left_padded_batch_that_continues_each_line_as_alone(trained_ckpt, tmp_path):
+def test_a_prompts_file_is_one_left_padded_batch_that_continues_each_line_as_alone(trained_ckpt, tmp_path, capsys):
     prompts = ["def add(a, b):", "class Parser:", "", "import os"]  # different lengths; "" starts a document
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+    def printed(*args):  # sample.py's main in this process: what it prints
+        capsys.readouterr()
+        sample_main(list(args))
+        return capsys.readouterr().out
+
     for options in (["--repetition_penalty", "2"], ["--num_beams", "3"]):
         common = ["--ckpt", trained_ckpt, "--temperature", "0", "--max_new_tokens", "12", *options]
-        batch = sample(*common, "--prompts_file", str(tmp_path / "prompts.txt"))
-        assert batch.returncode == 0, batch.stderr
-        alone = [sample(*common, "--prompt", prompt).stdout for prompt in prompts]
-        assert batch.stdout == "".join(f"---------- prompt {i + 1} ----------\n{text}" for i, text in enumerate(alone))
-    result = sample("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "prompts.txt"), "--num_samples", "2")
-    assert result.returncode == 2 and "--prompts_file gives the prompts" in result.stderr
-    result = sample("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "missing.txt"))
-    assert result.returncode == 1 and "cannot read --prompts_file" in result.stderr
+        batch = printed(*common, "--prompts_file", str(tmp_path / "prompts.txt"))
+        alone = [printed(*common, "--prompt", prompt) for prompt in prompts]
+        assert batch == "".join(f"---------- prompt {i + 1} ----------\n{text}" for i, text in enumerate(alone))
+    assert refused("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "prompts.txt"), "--num_samples", "2") == "2"
+    assert "--prompts_file gives the prompts" in capsys.readouterr().err
+    assert "cannot read --prompts_file" in refused("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "missing.txt"))
