@@ -5,7 +5,7 @@ bench/hybrid_attention.py: what Gated DeltaNet costs and buys against full atten
     python bench/hybrid_attention.py --quality        # and cpu_demo trained three ways (about 30 more minutes)
 
 Cost: forward + backward of one layer of cpu_demo's width (256, 4 heads of 64; the linear layer with its defaults:
-2 key heads and 4 value heads of 64) at batch 1 and T = 512, 2048, 8192: Gated DeltaNet in its chunked PyTorch form
+2 key heads and 4 value heads of 64) at batch 1 and T = 512 to 16,384: Gated DeltaNet in its chunked PyTorch form
 against GQA attention through PyTorch's SDPA. Then decoding at cpu_demo's shape (4 layers) with a context of 256
 and of 8192 tokens already in the cache: ms per token and the cache's size, for full attention, the 3:1 hybrid
 (Qwen3-Next's layer_types) and linear attention only. Quality (--quality): config/cpu_demo.py as it is, as the 3:1
@@ -105,8 +105,12 @@ def main():
     print("\nOne layer, forward + backward, batch 1, width 256 (fp32)\n")
     print("| T | Gated DeltaNet (chunked) | full attention (sdpa) | linear / full |")
     print("|---:|---:|---:|---:|")
-    for T, lin, full in layer_costs([512, 2048, 8192]):
+    rows = layer_costs([512, 2048, 8192, 16384])
+    for T, lin, full in rows:
         print(f"| {T:,} | {lin * 1000:.0f} ms | {full * 1000:.0f} ms | {lin / full:.2f} |")
+    cheaper = next((T for T, lin, full in rows if lin < full), None)
+    print("\nlinear is cheaper from T = " + (f"{cheaper:,} on (the first length measured where it is)" if cheaper
+                                              else "beyond the longest length measured"))
 
     print("\nDecoding at cpu_demo's shape (4 layers), batch 1: ms per token and cache size with the context cached\n")
     print("| layers | ms/token at 256 | at 8,192 | cache at 256 | at 8,192 |")
