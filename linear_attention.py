@@ -81,19 +81,24 @@ def gated_delta_rule_chunked(q, k, v, log_a, beta, state=None, delta_rule=True, 
     if delta_rule:
         lower = beta * (k @ k.transpose(-1, -2)) * decay.tril(-1)  # diag(b) L
         eye = torch.eye(C, dtype=k.dtype, device=k.device)
-        U = torch.linalg.solve_triangular(eye + lower, beta * v, upper=False, unitriangular=True)  # (B, H, n, C, d_v)
-        Kd = torch.linalg.solve_triangular(eye + lower, beta * k * g[..., None].exp(), upper=False, unitriangular=True)
+        # One solve for both right-hand sides, [b V, b exp(g) K]: A applied to each.
+        rhs = torch.cat((beta * v, beta * k * g[..., None].exp()), dim=-1)
+        U, Kd = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True).split([d_v, d_k], -1)
     else:
         U, Kd = beta * v, None
     scores = (q @ k.transpose(-1, -2)) * decay  # (B, H, n, C, C), zero above the diagonal
     q_decayed = q * g[..., None].exp()  # reads S_0 decayed to each token
     k_to_end = k * (g[..., -1:] - g)[..., None].exp()  # each token's write, decayed to the chunk's end
     S = k.new_zeros(B, H, d_k, d_v) if state is None else state
+    # Each chunk's slices taken once with unbind: indexing [:, :, c] in the loop would make autograd add every
+    # slice's gradient into a zero tensor of the whole input, n times over (most of the backward, measured).
+    chunks = zip(U.unbind(2), Kd.unbind(2) if Kd is not None else [None] * n, q_decayed.unbind(2), scores.unbind(2),
+                 k_to_end.unbind(2), g[..., -1, None, None].exp().unbind(2))
     out = []
-    for c in range(n):
-        W = U[:, :, c] if Kd is None else U[:, :, c] - Kd[:, :, c] @ S  # (B, H, C, d_v)
-        out.append(q_decayed[:, :, c] @ S + scores[:, :, c] @ W)
-        S = S * g[:, :, c, -1, None, None].exp() + k_to_end[:, :, c].transpose(-1, -2) @ W
+    for U_c, Kd_c, q_c, scores_c, k_c, decay_c in chunks:
+        W = U_c if Kd_c is None else U_c - Kd_c @ S  # (B, H, C, d_v)
+        out.append(q_c @ S + scores_c @ W)
+        S = S * decay_c + k_c.transpose(-1, -2) @ W
     return torch.cat(out, dim=2)[:, :, :T], S
 
 
