@@ -10,5 +10,6 @@ and broke every export. A name with the project's prefix cannot collide with a p
 """
 
 from myllm_kernels.flash_attention import available, flash_attention
+from myllm_kernels.gated_delta_rule import chunk_gated_delta_rule
 
-__all__ = ["available", "flash_attention"]
+__all__ = ["available", "flash_attention", "chunk_gated_delta_rule"]
