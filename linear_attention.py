@@ -124,9 +124,12 @@ class GatedDeltaNet(nn.Module):
     inputs of the conv and the rule's matrix, of a size that does not grow with the sequence.
     """
 
-    def __init__(self, config, layer_id):
+    def __init__(self, config, layer_id, use_kernel=False):
         super().__init__()
         self.layer_id = layer_id  # its state's key in the cache's linear_states
+        # The chunked form in Triton (myllm_kernels/gated_delta_rule.py) where the model runs its flash kernels,
+        # for the chunk sizes the kernel takes; the PyTorch form computes the same function.
+        self.use_kernel = use_kernel and config.linear_chunk_size in (16, 32, 64, 128)
         self.n_k, self.n_v = config.linear_num_key_heads, config.linear_num_value_heads
         self.d_k, self.d_v = config.linear_key_head_dim, config.linear_value_head_dim
         self.chunk_size, self.eps = config.linear_chunk_size, config.norm_eps
@@ -179,6 +182,8 @@ class GatedDeltaNet(nn.Module):
         log_a = -self.A_log.to(work).exp() * F.softplus(self.wa(x).to(work) + self.dt_bias.to(work))
         S = None if state is None else state[1]
         rule = gated_delta_rule_recurrent if T == 1 else gated_delta_rule_chunked
+        if T > 1 and self.use_kernel:
+            from myllm_kernels import chunk_gated_delta_rule as rule  # only when asked for: Triton takes seconds
         options = {} if T == 1 else {"chunk_size": self.chunk_size}
         o, S = rule(q.to(work), k.to(work), v.to(work), log_a.transpose(1, 2), beta, S, **options)
         o = F.rms_norm(o.transpose(1, 2), (self.d_v,), eps=self.eps) * self.norm_weight  # (B, T, n_v, d_v)

@@ -660,7 +660,7 @@ class Block(nn.Module):
         self.linear = config.layer_types[layer_id] == "linear_attention"
         slot = config.layer_types[:layer_id].count("full_attention")  # the KV cache holds full-attention layers only
         if self.linear:
-            self.attn = GatedDeltaNet(config, layer_id)
+            self.attn = GatedDeltaNet(config, layer_id, use_kernel=resolve_attn_impl(config.attn_impl) == "flash")
         else:
             self.attn = MLA(config, slot) if config.attn == "mla" else Attention(config, slot)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)

@@ -114,3 +114,23 @@ def test_the_cache_continues_a_sequence_exactly_and_padding_changes_nothing():
         y, (_, S_padded) = net.run(padded, mask)
         torch.testing.assert_close(y[:, 3:], whole, rtol=0, atol=1e-5)
         torch.testing.assert_close(S_padded, S, rtol=0, atol=1e-5)
+
+
+def test_a_hybrid_model_on_the_triton_kernel_computes_what_it_computes_in_pytorch():
+    # The kernel in Triton's interpreter (conftest.py sets TRITON_INTERPRET without a GPU), against the PyTorch form.
+    from model import ModelConfig, Transformer
+
+    shape = dict(vocab_size=64, block_size=40, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, linear_chunk_size=16,
+                 layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16, linear_value_head_dim=16)
+    models = []
+    for impl in ("flash", "sdpa"):
+        torch.manual_seed(0)
+        models.append(Transformer(ModelConfig(**shape, attn_impl=impl)))
+    assert models[0].layers[0].attn.use_kernel and not models[1].layers[0].attn.use_kernel
+    idx = torch.randint(0, 64, (2, 37))
+    (logits, loss), (expected, expected_loss) = (m(idx, idx) for m in models)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+    loss.backward()
+    expected_loss.backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-4, msg=name)
