@@ -57,6 +57,18 @@ def test_every_stage_matches_one_process_and_stage_3_matches_fsdp2(tmp_path, pre
             assert r["comm_wait_s"] >= 0
 
 
+def test_a_hybrid_with_linear_attention_at_stage_3_matches_one_process(tmp_path, prepared_data):
+    # Gated DeltaNet's parameters (a 3-d conv weight, per-head decays) gathered, freed and sharded like any other.
+    common = [*TINY, "--full_attention_interval=2", f"--data_dir={prepared_data}", "--max_iters=3",
+              "--eval_interval=3", "--gradient_accumulation_steps=2"]
+    run([*common, f"--out_dir={tmp_path}/one"])
+    run([*common, "--zero_stage=3", f"--out_dir={tmp_path}/zero3"], launcher=torchrun(2))
+    one = weights(tmp_path / "one")
+    assert "layers.0.attn.A_log" in one and "layers.1.attn.wq.weight" in one
+    assert_same_weights(one, weights(tmp_path / "zero3"), tol=1e-6)
+    assert step_losses(tmp_path / "zero3") == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--zero_stage=4"], "zero_stage must be 0, 1, 2 or 3, got 4"),
     (["--parallel=deepspeed"], "parallel must be 'handwritten' or 'fsdp2', got 'deepspeed'"),
