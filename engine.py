@@ -181,6 +181,9 @@ class Engine:
     """The scheduler: a line of waiting requests, max_batch cache rows, and step(), one forward for all."""
 
     def __init__(self, model, tokenizer, max_batch=16, max_queue=64):
+        if "sliding_attention" in model.config.layer_types:
+            # Rows of different lengths would each need their window counted from their own position.
+            raise ValueError("sliding-window layers are not served yet: each cache row would need its own window")
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self.device = model.wte.weight.device
         self.cache = SlotCache(model.config, max_batch, self.device)

@@ -89,8 +89,11 @@ class ModelConfig:
     # each layer's mixer, "full_attention" (attn above) or "linear_attention"; left empty, every
     # full_attention_interval-th layer is full and the others linear: 1 (the default) is all full attention,
     # Qwen3-Next's 4 is three linear layers to one full, 0 is linear only.
-    layer_types: list = field(default_factory=list)
+    layer_types: list = field(default_factory=list)  # also "sliding_attention": attn over the last sliding_window keys
     full_attention_interval: int = 1
+    # Keys a "sliding_attention" layer sees: the last sliding_window positions, its own included (Mistral's 4096,
+    # gpt-oss's 128): the cost and the reach of the layer stop growing with the context.
+    sliding_window: int = 0
     linear_num_key_heads: int = 0  # query/key heads; 0 = n_kv_head
     linear_num_value_heads: int = 0  # value heads, each with its own state; 0 = n_head
     linear_key_head_dim: int = 0  # 0 = head_dim
@@ -163,9 +166,11 @@ class ModelConfig:
             self.layer_types = ["full_attention" if every and (i + 1) % every == 0 else "linear_attention"
                                 for i in range(self.n_layer)]
         types = self.layer_types
-        if len(types) != self.n_layer or set(types) - {"full_attention", "linear_attention"}:
-            raise ValueError(f"layer_types must list 'full_attention' or 'linear_attention' for each of the {self.n_layer}"
-                             f" layers, got {types!r}")
+        if len(types) != self.n_layer or set(types) - {"full_attention", "sliding_attention", "linear_attention"}:
+            raise ValueError(f"layer_types must list 'full_attention', 'sliding_attention' or 'linear_attention' for "
+                             f"each of the {self.n_layer} layers, got {types!r}")
+        if "sliding_attention" in types and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 for 'sliding_attention' layers, got {self.sliding_window}")
         if "linear_attention" not in types:
             return
         for name, default in (("linear_num_key_heads", self.n_kv_head), ("linear_num_value_heads", self.n_head),
@@ -346,6 +351,12 @@ def make_attention_mask(key_is_real, n_queries, doc_ids=None):
     return allowed[:, None], has_key[:, None]
 
 
+def sliding_band(n_queries, S, window, device):
+    """(T, S): key j is among the last `window` positions of the query in column S - T + i (its own included)."""
+    query_pos = torch.arange(S - n_queries, S, device=device)
+    return torch.arange(S, device=device)[None, :] > query_pos[:, None] - window
+
+
 def softmax_attention(scores, v, allowed, dropout_p):
     """The weighted sum of values under the softmax of scores (B, n_head, T, S) over the allowed keys."""
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -376,14 +387,14 @@ def resolve_attn_impl(name):
     return name
 
 
-def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
+def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None):
     """q (B, n_head, T, d_qk) attends over k (B, n_kv_head, S, d_qk), v (B, n_kv_head, S, d_v) -> (B, n_head, T, d_v).
 
     mask: make_attention_mask(), or None when no key is padding and the queries are either all S positions (plain
     causal attention) or a single new one (it sees every key); for packed windows (allowed, has_key, doc_ids),
     which the flash kernel reads as doc_ids alone.
     scale: of the scores; None = 1/sqrt(d_qk), which keeps them at unit variance so the softmax does not saturate
-    (Vaswani et al. 2017).
+    (Vaswani et al. 2017). window: a sliding_attention layer's sliding_window (None: every earlier key).
     """
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     if impl == "flash":
@@ -395,9 +406,9 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
                 and max(q.size(-1), v.size(-1)) <= 256:
             from myllm_kernels import flash_attention
 
-            return flash_attention(q, k, v, causal=True, softmax_scale=scale, doc_ids=doc_ids)
+            return flash_attention(q, k, v, causal=True, softmax_scale=scale, window_size=window, doc_ids=doc_ids)
         impl = "sdpa"
-    if mask is None and impl == "sdpa":
+    if mask is None and impl == "sdpa" and window is None:
         # No mask tensor at all: lets PyTorch pick its fastest kernel. (is_causal aligns the first query with the
         # first key, so it is right for T == S; a single query needs no mask.)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=q.size(2) > 1, scale=scale,
@@ -405,6 +416,8 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
     if mask is None:
         mask = make_attention_mask(torch.ones(q.size(0), k.size(2), dtype=torch.bool, device=q.device), q.size(2))
     allowed, has_key = mask[:2]
+    if window is not None:  # a query keeps a key of its window (itself at least), so has_key stays as it was
+        allowed = allowed & sliding_band(q.size(2), k.size(2), window, q.device)
     if impl == "sdpa":
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=True)
     else:
@@ -415,9 +428,9 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None):
 class Attention(nn.Module):
     """Multi-head causal self-attention with grouped-query key/value heads and RoPE."""
 
-    def __init__(self, config, layer_id):
+    def __init__(self, config, layer_id, window=None):
         super().__init__()
-        self.layer_id = layer_id  # which slot of the KV cache is ours
+        self.layer_id, self.window = layer_id, window  # which slot of the KV cache is ours; a sliding layer's window
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl, self.dropout = resolve_attn_impl(config.attn_impl), config.dropout
         self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.qkv_bias)
@@ -441,7 +454,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)  # (B, n_kv_head, S, hd): cached keys, then the new ones
-        y = attention(q, k, v, mask, self.attn_impl, self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, self.attn_impl, self.dropout if self.training else 0.0, window=self.window)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * hd)
         if self.wg is not None:
             y = y * torch.sigmoid(self.wg(x))
@@ -463,9 +476,9 @@ class MLA(nn.Module):
                                       the S cached tokens at each step.
     """
 
-    def __init__(self, config, layer_id):
+    def __init__(self, config, layer_id, window=None):
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.window = layer_id, window
         self.attn_impl, self.dropout = resolve_attn_impl(config.attn_impl), config.dropout
         self.n_head, self.q_lora_rank, self.kv_lora_rank = config.n_head, config.q_lora_rank, config.kv_lora_rank
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -505,7 +518,8 @@ class MLA(nn.Module):
             kv = self.wkv_b(latent).view(B, T, self.n_head, self.nope_dim + self.v_head_dim).transpose(1, 2)
             k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)  # (B, n_head, T, nope), (B, n_head, T, v)
             k = torch.cat((k_nope, k_rope.expand(-1, self.n_head, -1, -1)), dim=-1)
-            y = attention(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.attn_impl, dropout, self.scale)
+            y = attention(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.attn_impl, dropout, self.scale,
+                          self.window)
         else:  # absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, and W_UV commutes with the weighted sum over c
             kv = torch.cat((latent[:, None], k_rope), dim=-1)  # (B, 1, T, kv_lora_rank + rope_dim): all a token caches
             (kv,) = kv_cache.update(self.layer_id, kv)  # (B, 1, S, kv_lora_rank + rope_dim)
@@ -532,11 +546,14 @@ class MLA(nn.Module):
                 mask = make_attention_mask(torch.ones(kv.size(0), kv.size(2), dtype=torch.bool, device=kv.device),
                                            q_latent.size(2))
             allowed, has_key = mask
+            if self.window is not None:
+                allowed = allowed & sliding_band(q_latent.size(2), kv.size(2), self.window, kv.device)
             return softmax_attention(scores, latent, allowed, dropout_p).masked_fill(~has_key, 0.0)
         # For speed: two dot products over the same (query, key) pairs are one dot product of the concatenated
         # vectors, [q_latent, q_rope] . [c, k_rope], so the fused kernels see multi-query attention of width
         # kv_lora_rank + rope_dim over the cache as it is stored.
-        return attention(torch.cat((q_latent, q_rope), dim=-1), kv, latent, mask, self.attn_impl, dropout_p, self.scale)
+        return attention(torch.cat((q_latent, q_rope), dim=-1), kv, latent, mask, self.attn_impl, dropout_p, self.scale,
+                         self.window)
 
 
 class MLP(nn.Module):
@@ -657,12 +674,15 @@ class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.linear = config.layer_types[layer_id] == "linear_attention"
-        slot = config.layer_types[:layer_id].count("full_attention")  # the KV cache holds full-attention layers only
+        kind = config.layer_types[layer_id]
+        self.linear = kind == "linear_attention"
+        # The KV cache holds the softmax-attention layers only (full and sliding), in order.
+        slot = layer_id - config.layer_types[:layer_id].count("linear_attention")
+        window = config.sliding_window if kind == "sliding_attention" else None
         if self.linear:
             self.attn = GatedDeltaNet(config, layer_id, use_kernel=resolve_attn_impl(config.attn_impl) == "flash")
         else:
-            self.attn = MLA(config, slot) if config.attn == "mla" else Attention(config, slot)
+            self.attn = MLA(config, slot, window) if config.attn == "mla" else Attention(config, slot, window)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         # DeepSeek keeps the first layers dense: routing on barely-processed token embeddings balances poorly.
         moe = config.n_routed_experts > 0 and layer_id >= config.first_k_dense_replace
@@ -687,7 +707,7 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, max_len, device=None):
-        self.n_layer, self.max_len = config.layer_types.count("full_attention"), max_len
+        self.n_layer, self.max_len = config.n_layer - config.layer_types.count("linear_attention"), max_len
         self.tensors = None  # allocated by the first update(), in its dtype (bf16 under autocast)
         self.linear_states = {}  # layer index -> (conv state, S), each (B, ...)
         self.key_is_real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -702,7 +722,7 @@ class KVCache:
             per_layer = config.kv_lora_rank + config.qk_rope_head_dim
         else:
             per_layer = 2 * config.n_kv_head * config.head_dim  # a key and a value per kv head
-        return config.layer_types.count("full_attention") * per_layer * dtype.itemsize
+        return (config.n_layer - config.layer_types.count("linear_attention")) * per_layer * dtype.itemsize
 
     @staticmethod
     def bytes_per_sequence(config, dtype=torch.float32):
@@ -946,7 +966,10 @@ class Transformer(nn.Module):
         c = self.config
         matmuls = sum(m.weight.numel() for m in self.modules() if isinstance(m, (nn.Linear, Gate)))
         d_qk, d_v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.head_dim,) * 2
-        full = c.layer_types.count("full_attention") * c.n_head * (d_qk + d_v) * c.block_size
+        # Keys a query sees, summed over the softmax-attention layers (a sliding layer's window at most).
+        seen = sum(min(c.sliding_window, c.block_size) if kind == "sliding_attention" else c.block_size
+                   for kind in c.layer_types if kind != "linear_attention")
+        full = c.n_head * (d_qk + d_v) * seen
         # A linear layer per token and head: reading and writing S (2 d_k d_v each) and the chunk's own scores and
         # solve (about chunk (d_k + d_v)), whatever the context.
         d_k, d_v, chunk = c.linear_key_head_dim, c.linear_value_head_dim, min(c.linear_chunk_size, c.block_size)

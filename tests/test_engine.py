@@ -132,6 +132,8 @@ def test_a_cancelled_request_frees_its_rows_for_the_next_in_line(tokenizer):
     for bad in (Sampling(5, n=3), Sampling(48)):
         with pytest.raises(ValueError):
             eng.submit(Request([3], bad, Collected(3)))
+    with pytest.raises(ValueError, match="sliding-window layers are not served yet"):
+        Engine(tiny_model(tokenizer.vocab_size, layer_types=["sliding_attention"] * 2, sliding_window=4), tokenizer)
 
 
 def test_a_failing_step_answers_everyone_and_the_loop_goes_on(tokenizer, monkeypatch):

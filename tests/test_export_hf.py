@@ -241,6 +241,7 @@ def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
     (dict(qk_norm=True), "set both qk_norm and attn_output_gate"),
     (dict(**GATED, **MOE), "softmax router"),
     (dict(**GATED, qkv_bias=True), "no biases"),
+    (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4), "sliding-window layers"),
 ])
 def test_what_qwen3_next_cannot_compute_is_refused_with_the_reason(overrides, reason):
     with pytest.raises(ValueError, match=reason):

@@ -30,7 +30,10 @@ ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **
          # Gated DeltaNet layers (linear_attention.py) beside full ones; the second with MLA and, on the linear
          # layer, MoE; the third linear only.
          "hybrid": HYBRID, "hybrid_mla_moe": {**HYBRID, **MLA_TINY, **MOE_TINY, "layer_types": ["full_attention", "linear_attention"]},
-         "linear": {**HYBRID, "layer_types": [], "full_attention_interval": 0}}
+         "linear": {**HYBRID, "layer_types": [], "full_attention_interval": 0},
+         # A sliding-window layer (5 keys) before a full one; with MLA too.
+         "sliding": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5),
+         "sliding_mla": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5, **MLA_TINY)}
 assert_close = torch.testing.assert_close
 
 
@@ -100,7 +103,8 @@ def test_config_gives_experts_the_dense_width_between_them():
         (dict(n_routed_experts=8, scoring_func="relu"), "scoring_func"),
         (dict(n_routed_experts=8, first_k_dense_replace=9), "first_k_dense_replace"),
         (dict(n_layer=2, layer_types=["full_attention"]), "layer_types"),
-        (dict(n_layer=1, layer_types=["sliding_attention"]), "layer_types"),
+        (dict(n_layer=1, layer_types=["local_attention"]), "layer_types"),
+        (dict(n_layer=1, layer_types=["sliding_attention"]), "sliding_window"),
         (dict(full_attention_interval=-1), "full_attention_interval"),
         (dict(full_attention_interval=0, linear_num_key_heads=3, linear_num_value_heads=4), "linear_num_value_heads"),
         (dict(full_attention_interval=0, linear_conv_kernel_dim=1), "linear_conv_kernel_dim"),
@@ -295,7 +299,7 @@ def test_padding_rows_output_zeros_and_gradients_stay_finite(impl, arch):
         assert (out[mask == 1] != 0).any()
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear", "sliding", "sliding_mla"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_left_padded_rows_match_unpadded_rows(impl, arch):
     model = make_model(attn_impl=impl, **ARCHS[arch])
@@ -312,7 +316,7 @@ def test_left_padded_rows_match_unpadded_rows(impl, arch):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("chunks", [[4, 1, 1, 1, 1, 1, 1], [6, 4]], ids=["token_by_token", "two_chunks"])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear", "sliding", "sliding_mla"])
 def test_cached_logits_match_uncached(impl, chunks, padded, arch):
     # For MLA this is the absorbed path (latent cache) against the naive one (no cache).
     model = lively_model(attn_impl=impl, **ARCHS[arch])
@@ -452,6 +456,35 @@ def test_a_hybrid_caches_keys_for_its_full_layers_and_a_fixed_state_for_its_line
         sizes.append(sum(t.numel() * t.element_size() for t in cache.linear_states[0]) / 2)
     # The conv keeps 3 inputs of q, k (2 heads of 6) and v (4 heads of 5); S is 4 heads of 6 x 5 in float32.
     assert sizes[0] == sizes[1] == KVCache.bytes_per_sequence(model.config) == (3 * (2 * 12 + 20) + 4 * 6 * 5) * 4
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "flash"])
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_a_sliding_layer_attends_to_its_window_only(impl, arch):
+    # One sliding layer: position i sees tokens i - 4 .. i, so changing token t moves no logit past t + 4, and the
+    # layer's output is softmax attention over exactly those keys (a float64 brute force).
+    model = make_model(n_layer=1, layer_types=["sliding_attention"], sliding_window=5, attn_impl=impl, **ARCHS[arch],
+                       dtype=torch.float32 if impl == "flash" else torch.float64)
+    idx = torch.randint(0, 64, (2, 16))
+    changed = idx.clone()
+    changed[:, 3] = (idx[:, 3] + 1) % 64
+    logits, changed_logits = model(idx)[0], model(changed)[0]
+    assert_close(changed_logits[:, 8:], logits[:, 8:])
+    assert (changed_logits[:, 3:8] - logits[:, 3:8]).abs().max() > 1e-3
+    if arch == "gqa":
+        attn = model.layers[0].attn
+        x = model.layers[0].attn_norm(model.wte(idx)).double()
+        q = (x @ attn.wq.weight.double().T).view(2, 16, 4, 8).transpose(1, 2)
+        k = (x @ attn.wk.weight.double().T).view(2, 16, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        v = (x @ attn.wv.weight.double().T).view(2, 16, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        cos, sin = model.rope(torch.arange(16)[None], torch.float64)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        i, j = torch.arange(16)[:, None], torch.arange(16)[None, :]
+        scores = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~((j <= i) & (j > i - 5)), float("-inf"))
+        expected = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 32) @ attn.wo.weight.double().T
+        rope = model.rope(torch.arange(16)[None].expand(2, -1), model.wte.weight.dtype)
+        got = attn(model.layers[0].attn_norm(model.wte(idx)), rope, None, None).double()
+        assert_close(got, expected, rtol=0, atol=1e-4 if impl == "flash" else 1e-6)  # eager: softmax in float32
 
 
 def test_packed_documents_are_refused_with_linear_layers():
