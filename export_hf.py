@@ -110,9 +110,9 @@ Where it differs from myllm's `tokenizer.py`, and why:
 
 def hf_architecture(config: ModelConfig) -> str:
     """The transformers class that computes exactly our model, or ValueError saying why none does."""
-    if "sliding_attention" in config.layer_types:
-        raise ValueError("sliding-window layers: Mistral, Gemma 2 and gpt-oss compute them, each with other parts of "
-                         "its own, and no exporter is written for them yet")
+    if "sliding_attention" in config.layer_types or config.attention_sinks:
+        raise ValueError("sliding-window layers and attention sinks: Mistral, Gemma 2 and gpt-oss compute them, each "
+                         "with other parts of its own, and no exporter is written for them yet")
     if "linear_attention" in config.layer_types or config.qk_norm or config.attn_output_gate:
         return qwen3_next_architecture(config)
     if config.n_routed_experts and config.scoring_func != "sigmoid":

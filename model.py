@@ -60,6 +60,9 @@ class ModelConfig:
     # Two changes to GQA attention that Qwen3-Next's full-attention layers make (and its export needs):
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, OLMo2; Dehghani et al. 2023)
     attn_output_gate: bool = False  # the output times sigmoid(W_g x), per channel, before wo (Qiu et al. 2025)
+    # A learned logit per head that joins every softmax without a value (gpt-oss; StreamingLLM's sink, Xiao et al.
+    # 2023): a head can give most of its weight to nothing, so the weights on the keys sum to less than one.
+    attention_sinks: bool = False
     dropout: float = 0.0
     # "auto" (flash on a CUDA GPU, else sdpa), "flash" (our Triton kernels, myllm_kernels/), "sdpa" (PyTorch's fused
     # kernels) or "eager" (the readable reference)
@@ -121,8 +124,8 @@ class ModelConfig:
             if self.n_head % self.n_kv_head:
                 raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         elif self.attn == "mla":
-            if self.qk_norm or self.attn_output_gate:
-                raise ValueError("qk_norm and attn_output_gate are for attn='gqa' (MLA normalises its own latents)")
+            if self.qk_norm or self.attn_output_gate or self.attention_sinks:
+                raise ValueError("qk_norm, attn_output_gate and attention_sinks are for attn='gqa'")
             for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -357,20 +360,26 @@ def sliding_band(n_queries, S, window, device):
     return torch.arange(S, device=device)[None, :] > query_pos[:, None] - window
 
 
-def softmax_attention(scores, v, allowed, dropout_p):
-    """The weighted sum of values under the softmax of scores (B, n_head, T, S) over the allowed keys."""
+def softmax_attention(scores, v, allowed, dropout_p, sinks=None):
+    """The weighted sum of values under the softmax of scores (B, n_head, T, S) over the allowed keys; with sinks
+    (n_head,), each head's sink logit joins the softmax as one more column, dropped afterwards (it has no value)."""
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = F.softmax(scores.float(), dim=-1).to(v.dtype)  # float32: exp() of bf16 scores is coarse
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float32 at least: exp() of bf16 is coarse
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = F.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1].to(v.dtype)
+    else:
+        probs = F.softmax(scores, dim=-1).to(v.dtype)
     probs = F.dropout(probs, p=dropout_p)
     return probs @ v  # (B, n_head, T, d_v)
 
 
-def eager_attention(q, k, v, allowed, dropout_p, scale):
+def eager_attention(q, k, v, allowed, dropout_p, scale, sinks=None):
     """Softmax attention written out step by step; "sdpa" computes the same thing with fused kernels."""
     n_rep = q.size(1) // k.size(1)
     k = k.repeat_interleave(n_rep, dim=1)  # (B, n_head, S, d_qk): query head h reads key/value head h // n_rep
     v = v.repeat_interleave(n_rep, dim=1)
-    return softmax_attention((q @ k.transpose(-2, -1)) * scale, v, allowed, dropout_p)  # scores (B, n_head, T, S)
+    return softmax_attention((q @ k.transpose(-2, -1)) * scale, v, allowed, dropout_p, sinks)  # scores (B, n_head, T, S)
 
 
 def resolve_attn_impl(name):
@@ -387,16 +396,19 @@ def resolve_attn_impl(name):
     return name
 
 
-def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None):
+def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None, sinks=None):
     """q (B, n_head, T, d_qk) attends over k (B, n_kv_head, S, d_qk), v (B, n_kv_head, S, d_v) -> (B, n_head, T, d_v).
 
     mask: make_attention_mask(), or None when no key is padding and the queries are either all S positions (plain
     causal attention) or a single new one (it sees every key); for packed windows (allowed, has_key, doc_ids),
     which the flash kernel reads as doc_ids alone.
     scale: of the scores; None = 1/sqrt(d_qk), which keeps them at unit variance so the softmax does not saturate
-    (Vaswani et al. 2017). window: a sliding_attention layer's sliding_window (None: every earlier key).
+    (Vaswani et al. 2017). window: a sliding_attention layer's sliding_window (None: every earlier key). sinks:
+    attention_sinks' logits (n_head,); neither fused kernel has the extra column, so those layers run eager.
     """
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if sinks is not None:
+        impl = "eager"
     if impl == "flash":
         # Our kernel computes causal self-attention, the training case, over whole rows or packed documents.
         # Padding masks, a KV cache (keys beyond the queries), attention dropout and head dims past 256 (MLA's
@@ -421,7 +433,7 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None):
     if impl == "sdpa":
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=True)
     else:
-        y = eager_attention(q, k, v, allowed, dropout_p, scale)
+        y = eager_attention(q, k, v, allowed, dropout_p, scale, sinks)
     return y.masked_fill(~has_key, 0.0)  # queries without a real key output zeros (see make_attention_mask)
 
 
@@ -443,6 +455,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.wg = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False) if config.attn_output_gate else None
+        self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.attention_sinks else None
 
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
@@ -454,7 +467,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)  # (B, n_kv_head, S, hd): cached keys, then the new ones
-        y = attention(q, k, v, mask, self.attn_impl, self.dropout if self.training else 0.0, window=self.window)
+        y = attention(q, k, v, mask, self.attn_impl, self.dropout if self.training else 0.0, window=self.window,
+                      sinks=self.sinks)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * hd)
         if self.wg is not None:
             y = y * torch.sigmoid(self.wg(x))
@@ -840,6 +854,9 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():  # a tied matrix is listed (and initialised) once
             if name.endswith(("A_log", "dt_bias", "conv.weight")):
                 continue  # GatedDeltaNet initialises its decays and its convolution itself (see there)
+            if name.endswith("attn.sinks"):
+                nn.init.zeros_(p)  # a sink logit of 0: at the start the sink weighs as much as a key scoring 0
+                continue
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
             elif name.endswith("bias"):

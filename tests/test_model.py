@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from types import SimpleNamespace
 
 from model import (
     KVCache,
@@ -16,9 +17,11 @@ from model import (
     Transformer,
     apply_rope,
     attention,
+    eager_attention,
     make_attention_mask,
     rope_inv_freq,
     sample_next_token,
+    sliding_band,
 )
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
@@ -485,6 +488,38 @@ def test_a_sliding_layer_attends_to_its_window_only(impl, arch):
         rope = model.rope(torch.arange(16)[None].expand(2, -1), model.wte.weight.dtype)
         got = attn(model.layers[0].attn_norm(model.wte(idx)), rope, None, None).double()
         assert_close(got, expected, rtol=0, atol=1e-4 if impl == "flash" else 1e-6)  # eager: softmax in float32
+
+
+def test_sink_logits_compute_what_gpt_oss_eager_attention_computes():
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    sinks = torch.randn(4, generator=g) * 2
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril() & sliding_band(9, 9, 4, "cpu")  # a window too, as gpt-oss has
+    additive = torch.zeros(9, 9).masked_fill(~allowed, float("-inf"))[None, None]
+    theirs, _ = eager_attention_forward(SimpleNamespace(num_key_value_groups=2, sinks=sinks, training=False), q, k, v,
+                                        additive, scaling=8 ** -0.5)
+    ours = eager_attention(q, k, v, allowed[None, None], 0.0, 8 ** -0.5, sinks)
+    assert_close(ours.transpose(1, 2), theirs, rtol=0, atol=1e-6)
+    # The weights on the keys sum to less than one: the sink took the rest (an all-equal v would show it).
+    plain = eager_attention(q, k, torch.ones_like(v), allowed[None, None], 0.0, 8 ** -0.5, sinks)
+    assert (plain < 1).all() and (plain > 0).all()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_model_with_sinks_caches_pads_and_learns_its_sink_logits(impl):
+    model = lively_model(attn_impl=impl, attention_sinks=True, **ARCHS["sliding"])
+    _, idx, mask = left_padded_batch()
+    logits, _ = model(idx, attention_mask=mask)
+    cache = KVCache(model.config, idx.size(0), model.config.block_size)
+    cached = torch.cat([model(idx[:, :6], attention_mask=mask[:, :6], kv_cache=cache)[0],
+                        model(idx[:, 6:], attention_mask=mask[:, 6:], kv_cache=cache)[0]], dim=1)
+    real = mask.bool()
+    assert_close(cached[real], logits[real])
+    _, loss = model(idx[:, :-1].clamp(min=0), idx[:, 1:])
+    loss.backward()
+    assert all(block.attn.sinks.grad.abs().sum() > 0 for block in model.layers)
 
 
 def test_packed_documents_are_refused_with_linear_layers():
