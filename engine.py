@@ -51,6 +51,7 @@ class SlotCache:
         self.key_is_real = torch.zeros(n_rows, config.block_size, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.padded = True  # rows of different lengths: forward always needs the mask
+        self.keep = 0  # no sliding-window layers (Engine refuses them)
 
     @property
     def length(self):

@@ -689,7 +689,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         kind = config.layer_types[layer_id]
-        self.linear = kind == "linear_attention"
+        self.linear, self.windowed = kind == "linear_attention", kind == "sliding_attention"
         # The KV cache holds the softmax-attention layers only (full and sliding), in order.
         slot = layer_id - config.layer_types[:layer_id].count("linear_attention")
         window = config.sliding_window if kind == "sliding_attention" else None
@@ -717,36 +717,48 @@ class KVCache:
     kv_lora_rank + qk_rope_head_dim), the normalised latent and the rope key. Preallocated for max_len positions,
     of which `length` are filled. It also remembers which cached keys are real tokens (not padding) and how many
     real tokens each row has, which is the next token's RoPE position. A linear-attention layer keeps instead a
-    state of fixed size per row, (conv state, S) (linear_attention.GatedDeltaNet), in linear_states.
+    state of fixed size per row, (conv state, S) (linear_attention.GatedDeltaNet), in linear_states, and a
+    sliding-window layer only the keys its next query can see, the last sliding_window - 1 (a rolling cache), so
+    neither grows with the sequence.
     """
 
     def __init__(self, config, batch_size, max_len, device=None):
-        self.n_layer, self.max_len = config.n_layer - config.layer_types.count("linear_attention"), max_len
-        self.tensors = None  # allocated by the first update(), in its dtype (bf16 under autocast)
+        kinds = [kind for kind in config.layer_types if kind != "linear_attention"]  # by cache slot
+        self.full = {slot: i for i, slot in enumerate(s for s, kind in enumerate(kinds) if kind == "full_attention")}
+        self.n_layer, self.max_len = len(self.full), max_len
+        self.tensors = None  # the full layers', allocated by the first update(), in its dtype (bf16 under autocast)
         self.linear_states = {}  # layer index -> (conv state, S), each (B, ...)
+        self.rolling = {}  # a sliding layer's slot -> its last keep keys (and values), each (B, heads, keep, dim)
+        self.keep = config.sliding_window - 1 if "sliding_attention" in kinds else 0
+        self.window_is_real = torch.zeros(batch_size, self.keep, dtype=torch.bool, device=device)
         self.key_is_real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.padded = False  # whether any cached key is padding
         self.length = 0
 
     @staticmethod
-    def bytes_per_token(config, dtype=torch.float32):
-        """Cache size of one token over all layers: the number that limits batch size times context."""
+    def bytes_per_position(config, dtype=torch.float32):
+        """What one token costs one softmax-attention layer's cache."""
         if config.attn == "mla":
-            per_layer = config.kv_lora_rank + config.qk_rope_head_dim
-        else:
-            per_layer = 2 * config.n_kv_head * config.head_dim  # a key and a value per kv head
-        return (config.n_layer - config.layer_types.count("linear_attention")) * per_layer * dtype.itemsize
+            return (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
+        return 2 * config.n_kv_head * config.head_dim * dtype.itemsize  # a key and a value per kv head
+
+    @staticmethod
+    def bytes_per_token(config, dtype=torch.float32):
+        """Cache size of one token over the full-attention layers: the number that limits batch size times context."""
+        return config.layer_types.count("full_attention") * KVCache.bytes_per_position(config, dtype)
 
     @staticmethod
     def bytes_per_sequence(config, dtype=torch.float32):
-        """The linear-attention layers' cache of one sequence, whatever its length: the conv's last inputs, and S in
-        float32 (the rule runs in float32: a state summed over thousands of tokens in bf16 would lose its small terms)."""
+        """The cache of one sequence that does not grow with it: the linear layers' conv inputs and S (in float32: a
+        state summed over thousands of tokens in bf16 would lose its small terms), the sliding layers' kept keys."""
         key_dim, value_dim = config.linear_num_key_heads * config.linear_key_head_dim, \
             config.linear_num_value_heads * config.linear_value_head_dim
         conv = (2 * key_dim + value_dim) * (config.linear_conv_kernel_dim - 1) * dtype.itemsize
         state = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
-        return config.layer_types.count("linear_attention") * (conv + state)
+        window = config.layer_types.count("sliding_attention") * max(config.sliding_window - 1, 0) * \
+            KVCache.bytes_per_position(config, dtype)
+        return config.layer_types.count("linear_attention") * (conv + state) + window
 
     def append(self, is_real):
         """Take T new tokens, is_real (B, T); return the real-key mask of all tokens so far (B, length)."""
@@ -754,6 +766,9 @@ class KVCache:
         self.key_is_real[:, self.length : self.length + T] = is_real
         self.n_real += is_real.sum(dim=1)
         self.length += T
+        # The sliding layers' keys this forward: the kept ones, then the new (B, keep + T); keep the last again.
+        self.window_keys_real = torch.cat((self.window_is_real, is_real), dim=1)
+        self.window_is_real = self.window_keys_real[:, self.window_keys_real.size(1) - self.keep :]
         return self.key_is_real[:, : self.length]
 
     def select(self, rows):
@@ -762,16 +777,24 @@ class KVCache:
             self.tensors = [t.index_select(1, rows) for t in self.tensors]
         self.linear_states = {layer: tuple(t.index_select(0, rows) for t in state)
                               for layer, state in self.linear_states.items()}
+        self.rolling = {slot: tuple(t.index_select(0, rows) for t in kept) for slot, kept in self.rolling.items()}
+        self.window_is_real = self.window_is_real.index_select(0, rows)
         self.key_is_real, self.n_real = self.key_is_real.index_select(0, rows), self.n_real.index_select(0, rows)
 
     def update(self, layer, *new):
-        """Store one layer's tensors of the new tokens, each (B, heads, T, dim); return each with all so far."""
+        """Store one layer's tensors of the new tokens, each (B, heads, T, dim); return each with all so far (a
+        sliding layer: with its kept ones, as window_keys_real describes them)."""
+        if layer not in self.full:
+            kept = self.rolling.get(layer) or tuple(t.new_zeros(*t.shape[:2], self.keep, t.size(3)) for t in new)
+            keys = tuple(torch.cat((old, t), dim=2) for old, t in zip(kept, new))  # (B, heads, keep + T, dim)
+            self.rolling[layer] = tuple(t[:, :, t.size(2) - self.keep :] for t in keys)
+            return keys
         if self.tensors is None:
             self.tensors = [t.new_zeros(self.n_layer, t.size(0), t.size(1), self.max_len, t.size(3)) for t in new]
-        start = self.length - new[0].size(2)
+        start, i = self.length - new[0].size(2), self.full[layer]
         for stored, t in zip(self.tensors, new):
-            stored[layer, :, :, start : self.length] = t
-        return tuple(stored[layer, :, :, : self.length] for stored in self.tensors)
+            stored[i, :, :, start : self.length] = t
+        return tuple(stored[i, :, :, : self.length] for stored in self.tensors)
 
 
 def penalize_repetition(logits, tokens, is_real, penalty):
@@ -913,8 +936,9 @@ class Transformer(nn.Module):
             padded = kv_cache.padded = kv_cache.padded or padded
         # Without padding, the two common cases need no mask tensor: training (T == S) and generating one token.
         mask = make_attention_mask(key_is_real, T) if padded or 1 < T < start + T else None
-
-        return self.logits_and_loss(idx, targets, positions, mask, kv_cache, is_real)
+        # With a cache, sliding layers attend over their kept keys and the new ones (KVCache.update).
+        window_mask = make_attention_mask(kv_cache.window_keys_real, T) if kv_cache is not None and kv_cache.keep else None
+        return self.logits_and_loss(idx, targets, positions, mask, kv_cache, is_real, window_mask)
 
     def forward_packed(self, idx, targets, doc_ids):
         T = idx.size(1)
@@ -925,7 +949,7 @@ class Transformer(nn.Module):
         starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
         positions = steps - torch.where(starts, steps, 0).cummax(dim=1).values  # (B, T): steps since the start
         mask = (*make_attention_mask(torch.ones_like(doc_ids, dtype=torch.bool), T, doc_ids), doc_ids)
-        logits, _ = self.logits_and_loss(idx, None, positions, mask, None, None)
+        logits, _ = self.logits_and_loss(idx, None, positions, mask, None, None, None)
         if targets is None:
             return logits, None
         # The mean over the targets there are: a window of prompts only (all -100) adds 0, where the mean would
@@ -933,11 +957,11 @@ class Transformer(nn.Module):
         nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return logits, nats / (targets != -100).sum().clamp(min=1) + self.balance_penalty()
 
-    def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real):
+    def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real, window_mask):
         x = self.wte(idx)  # (B, T, n_embd)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:
-            x = block(x, rope, mask, kv_cache, is_real)
+            x = block(x, rope, window_mask if block.windowed and window_mask is not None else mask, kv_cache, is_real)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:

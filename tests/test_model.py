@@ -359,7 +359,7 @@ def greedy_with_uncached_forwards(model, idx, n_tokens, attention_mask=None):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("prompt_len", [5, 20])  # block_size is 16: 20 starts beyond it
-@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe"])
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe", "sliding_mla"])
 def test_greedy_generate_matches_uncached_forwards_past_block_size(impl, prompt_len, arch):
     model = lively_model(attn_impl=impl, **ARCHS[arch])
     idx = torch.randint(0, 64, (2, prompt_len))
@@ -520,6 +520,18 @@ def test_a_model_with_sinks_caches_pads_and_learns_its_sink_logits(impl):
     _, loss = model(idx[:, :-1].clamp(min=0), idx[:, 1:])
     loss.backward()
     assert all(block.attn.sinks.grad.abs().sum() > 0 for block in model.layers)
+
+
+@pytest.mark.parametrize("arch", ["sliding", "sliding_mla"])
+def test_a_sliding_layer_caches_only_its_window(arch):
+    model = make_model(dtype=torch.float32, **ARCHS[arch])  # layer 0 sliding (window 5), layer 1 full
+    for n in (3, 12):
+        cache = KVCache(model.config, 2, 16)
+        model(torch.randint(0, 64, (2, n)), kv_cache=cache)
+        full = sum(t.numel() * t.element_size() for t in cache.tensors) / (2 * 16)
+        kept = sum(t.numel() * t.element_size() for t in cache.rolling[0]) / 2
+        assert full == KVCache.bytes_per_token(model.config) == KVCache.bytes_per_position(model.config)
+        assert kept == KVCache.bytes_per_sequence(model.config) == 4 * KVCache.bytes_per_position(model.config)
 
 
 def test_packed_documents_are_refused_with_linear_layers():
