@@ -208,10 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s on {device}", file=sys.stderr)
     # What each token of context costs in the KV cache, all layers: the number that caps batch x context.
     dtype = model.wte.weight.dtype
-    fixed = KVCache.bytes_per_sequence(model.config, dtype)  # the linear-attention layers' states
+    fixed = KVCache.bytes_per_sequence(model.config, dtype)  # what does not grow: linear states, sliding windows
     print(f"KV cache: {KVCache.bytes_per_token(model.config, dtype):,} bytes per token "
           f"({model.config.attn}, {str(dtype).removeprefix('torch.')})"
-          + (f" + {fixed:,} bytes per sequence (linear attention)" if fixed else ""), file=sys.stderr)
+          + (f" + {fixed:,} bytes per sequence (linear and sliding-window layers)" if fixed else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":
