@@ -404,11 +404,12 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None, sinks
     which the flash kernel reads as doc_ids alone.
     scale: of the scores; None = 1/sqrt(d_qk), which keeps them at unit variance so the softmax does not saturate
     (Vaswani et al. 2017). window: a sliding_attention layer's sliding_window (None: every earlier key). sinks:
-    attention_sinks' logits (n_head,); neither fused kernel has the extra column, so those layers run eager.
+    attention_sinks' logits (n_head,), one more softmax column per head: our kernel has it, sdpa does not (eager).
     """
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    if sinks is not None:
-        impl = "eager"
+    fallback = "sdpa" if sinks is None else "eager"
+    if impl == "sdpa":
+        impl = fallback
     if impl == "flash":
         # Our kernel computes causal self-attention, the training case, over whole rows or packed documents.
         # Padding masks, a KV cache (keys beyond the queries), attention dropout and head dims past 256 (MLA's
@@ -418,8 +419,9 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None, sinks
                 and max(q.size(-1), v.size(-1)) <= 256:
             from myllm_kernels import flash_attention
 
-            return flash_attention(q, k, v, causal=True, softmax_scale=scale, window_size=window, doc_ids=doc_ids)
-        impl = "sdpa"
+            return flash_attention(q, k, v, causal=True, softmax_scale=scale, window_size=window, doc_ids=doc_ids,
+                                   sinks=sinks)
+        impl = fallback
     if mask is None and impl == "sdpa" and window is None:
         # No mask tensor at all: lets PyTorch pick its fastest kernel. (is_causal aligns the first query with the
         # first key, so it is right for T == S; a single query needs no mask.)

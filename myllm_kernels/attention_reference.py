@@ -17,6 +17,11 @@ Packed documents: with doc_ids (B, T), each position's document among those pack
 (ids never decrease along T), a query attends only to keys of its own document, a mask of
 doc_ids[:, :, None] == doc_ids[:, None, :] on top of the causal one. As each document is one contiguous run,
 tiled_attention skips the key blocks outside the documents of a query block, as the kernels do.
+
+Attention sinks (gpt-oss): sinks (n_head,) gives each head one more logit in every row's softmax, a column with no
+value, so the weights on the keys sum to less than one. reference_attention appends it as a column of the score
+matrix, as transformers' gpt-oss does; tiled_attention counts it as a key seen before the first block (m = the sink's
+logit, l = 1), as the kernel does.
 """
 
 import math
@@ -48,11 +53,12 @@ def _allowed(q_pos, k_pos, causal, window_size, q_doc=None, k_doc=None):
     return allowed
 
 
-def reference_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None):
+def reference_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, sinks=None):
     """softmax(q k^T * softmax_scale) v in float64, written out: K and V repeated per query head, an explicit mask.
 
     Arguments as flash_attention's: q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk), v (B, n_kv_head, T, d_v)
-    -> (B, n_head, T, d_v) float64; softmax_scale defaults to 1 / sqrt(d_qk). Differentiable.
+    -> (B, n_head, T, d_v) float64; softmax_scale defaults to 1 / sqrt(d_qk). With sinks (n_head,), head h's logit
+    joins every row's softmax as one more column, dropped before the product with v. Differentiable (sinks too).
     """
     q, k, v = q.double(), k.double(), v.double()
     scale = 1.0 / math.sqrt(q.size(-1)) if softmax_scale is None else softmax_scale
@@ -61,11 +67,14 @@ def reference_attention(q, k, v, causal=True, softmax_scale=None, window_size=No
     pos = torch.arange(q.size(2), device=q.device)
     scores = q @ k.transpose(-2, -1) * scale  # (B, n_head, T, T)
     scores = scores.masked_fill(~_allowed(pos, pos, causal, window_size, doc_ids, doc_ids), float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    if sinks is None:
+        return scores.softmax(dim=-1) @ v
+    sink_column = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    return torch.cat((scores, sink_column), dim=-1).softmax(dim=-1)[..., :-1] @ v
 
 
-def tiled_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, block_m=128,
-                    block_n=64):
+def tiled_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, sinks=None,
+                    block_m=128, block_n=64):
     """reference_attention's function computed as the Triton forward computes it, block_m queries by block_n keys
     at a time (any sizes give the same result), in float32 as the kernel's accumulators.
 
@@ -93,6 +102,11 @@ def tiled_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
             # exp2(s2 - m_i) over the keys so far; acc (1, n_head, bm, d_v): the sum of exp2(s2 - m_i) v.
             m_i = torch.full(q_blk.shape[:3], MIN_SCORE, device=q.device)
             l_i = torch.zeros_like(m_i)
+            if sinks is not None:
+                # The sink as a key seen before the first block: the largest score so far, with exp2(0) = 1 in l_i
+                # and no value in acc. The lse below then counts it, and the backward needs nothing else.
+                m_i = (sinks.float() * LOG2_E).view(1, -1, 1).expand_as(m_i)
+                l_i = torch.ones_like(m_i)
             acc = q_blk.new_zeros(*q_blk.shape[:3], v.size(-1))
             # _key_range: a causal query block needs no key after its last query, nor any block wholly before its
             # first query's window.

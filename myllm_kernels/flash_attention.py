@@ -1,11 +1,12 @@
 """
 Flash attention (FlashAttention-2, Dao 2023) forward and backward in Triton, with grouped-query heads,
-sliding windows, packed documents and different q.k and v head dims.
+sliding windows, packed documents, attention sinks and different q.k and v head dims.
 
     from myllm_kernels import flash_attention
     out = flash_attention(q, k, v, causal=True)   # q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk),
                                                   # v (B, n_kv_head, T, d_v) -> out (B, n_head, T, d_v)
     out = flash_attention(q, k, v, doc_ids=doc_ids)  # doc_ids (B, T): several documents packed in each row
+    out = flash_attention(q, k, v, sinks=sinks)      # sinks (n_head,): a learned logit per head, without a value
 
 On a CPU, set TRITON_INTERPRET=1 before importing this module and the same kernels run in Triton's
 interpreter (slowly: one program after another); tests/test_kernels.py does that.
@@ -28,6 +29,13 @@ whose names differ. Because a document is one contiguous run, a block of queries
 its first query's document nor after the end of its last query's, and those blocks are never visited: the work is
 then the sum of the documents' squared lengths instead of T^2, so a row packed with short documents costs about
 what those documents cost alone.
+
+Attention sinks (gpt-oss): each head h has one more logit sinks[h] in every row's softmax, a key with no value, so
+p_ij = exp(s_ij) / (exp(sinks[h]) + sum_j exp(s_ij)) and the weights on the keys sum to less than one. In the online
+softmax that is a key seen before the first block: the forward starts each row at m = sinks[h] (base 2) and l = 1
+instead of m = MIN_SCORE and l = 0, with acc still 0, and the log-sum-exp it saves then includes the sink. Given
+that LSE the backward's dQ, dK, dV are unchanged, and the sink's gradient is a sum over rows of values the backward
+already holds (see _sink_grad).
 
 Conventions used by every kernel below:
 - One program handles one tile: BLOCK_M query rows or BLOCK_N key rows of one (batch, head).
@@ -212,15 +220,16 @@ def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, DOC_START, DOC_END,
+def _forward_kernel(Q, K, V, O, LSE, DOC_START, DOC_END, SINKS,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     T, n_head, group, window, qk_scale,
                     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (query block, batch * head). DOC_START and DOC_END, (B, T) int32 (None without
-    documents): the first position of each position's document and one past its last."""
+    documents): the first position of each position's document and one past its last. SINKS, (n_head,) fp32
+    (None without sinks): each head's sink logit in base 2."""
     # Causal query blocks near the end see the most keys; starting them first shortens the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -233,8 +242,13 @@ def _forward_kernel(Q, K, V, O, LSE, DOC_START, DOC_END,
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q = _load_tile(q_base, offs_m, stride_qt, offs_dqk, T, D_QK)  # (BLOCK_M, BLOCK_DQK), loaded once
-    m_i = tl.full([BLOCK_M], MIN_SCORE, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:
+        # The sink as the first key seen: the maximum so far is its logit, exp2(sink - m) = 1, and it adds no value.
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h)
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], MIN_SCORE, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, full_lo, full_hi, hi = _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
                                           BLOCK_N)
@@ -481,9 +495,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_end=None):
+def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_end=None, sinks=None):
     """Launch the forward: returns out (B, n_head, T, d_v) and lse (B, n_head, T) fp32, base 2. doc_start and
-    doc_end: _document_spans's, or None for no documents."""
+    doc_end: _document_spans's, or None for no documents; sinks: (n_head,) fp32 logits, or None for no sinks."""
     B, n_head, T, d_qk = q.shape
     n_kv_head, d_v = k.size(1), v.size(3)
     # out is laid out (B, T, n_head, d_v) in memory and returned as a (B, n_head, T, d_v) view: the model's
@@ -491,18 +505,20 @@ def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_
     out = q.new_empty(B, T, n_head, d_v).transpose(1, 2)
     lse = torch.empty(B, n_head, T, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(T, tiles.block_m), B * n_head)
-    _forward_kernel[grid](q, k, v, out, lse, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
+    sinks2 = None if sinks is None else sinks * LOG2_E  # base 2, as the scores
+    _forward_kernel[grid](q, k, v, out, lse, doc_start, doc_end, sinks2, *_strides(q), *_strides(k), *_strides(v),
                           *_strides(out), T, n_head, n_head // n_kv_head, window, softmax_scale * LOG2_E,
                           D_QK=d_qk, D_V=d_v, BLOCK_DQK=_pad(d_qk), BLOCK_DV=_pad(d_v),
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-                          HAS_DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype),
-                          num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                          HAS_DOCS=doc_start is not None, HAS_SINKS=sinks is not None,
+                          DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
 def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, dq_tiles, doc_start=None,
-              doc_end=None):
-    """Launch the three backward kernels: returns dq, dk, dv, each shaped and laid out like its input."""
+              doc_end=None, sinks=None):
+    """Launch the three backward kernels: returns dq, dk, dv, each shaped and laid out like its input, and dsinks
+    (n_head,) fp32 (None without sinks)."""
     B, n_head, T, d_qk = q.shape
     n_kv_head, d_v = k.size(1), v.size(3)
     group = n_head // n_kv_head
@@ -513,6 +529,7 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, 
     _delta_kernel[(triton.cdiv(T, dq_tiles.block_m), B * n_head)](
         out, do, delta, *_strides(out), *_strides(do), T, n_head, D_V=d_v, BLOCK_DV=_pad(d_v),
         BLOCK_M=dq_tiles.block_m)
+    dsinks = None if sinks is None else _sink_grad(sinks, lse, delta)
     _dkdv_kernel[(triton.cdiv(T, dkdv_tiles.block_n), B * n_kv_head)](
         q, k, v, do, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), T, n_head, n_kv_head, group, window, softmax_scale * LOG2_E, softmax_scale,
@@ -523,26 +540,40 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, 
         *_strides(dq), T, n_head, group, window, softmax_scale * LOG2_E, softmax_scale,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
         num_stages=dq_tiles.num_stages, **common)
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
+
+
+def _sink_grad(sinks, lse, delta):
+    """d loss / d sinks[h] = -sum over the head's rows i (all batch rows) of p_sink_i * delta_i.
+
+    The sink's probability in row i is p_sink_i = exp(sinks[h]) / Z_i = exp2(sinks[h] * log2(e) - lse_i), and raising
+    its logit scales every key's probability by 1 - p_sink, i.e. dp_ij / dsink = -p_ij p_sink_i; summed against
+    dO_i . v_j this is -p_sink_i (dO_i . O_i) = -p_sink_i delta_i. In PyTorch rather than in a kernel: lse and delta
+    are (B, n_head, T), already in memory, so this is one elementwise pass and a sum per head, small beside the
+    attention itself; a kernel would have to add B * T / BLOCK_M partial sums per head with atomics, whose order
+    varies on a GPU, and the backward would no longer be bit-reproducible.
+    """
+    p_sink = torch.exp2(sinks[:, None] * LOG2_E - lse)  # (B, n_head, T)
+    return -(p_sink * delta).sum(dim=(0, 2))
 
 
 class FlashAttention(torch.autograd.Function):
     """Saves q, k, v, the output and the log-sum-exp (O(T) per head), never the (T, T) probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, window, doc_start, doc_end):
+    def forward(ctx, q, k, v, causal, softmax_scale, window, doc_start, doc_end, sinks):
         fwd_tiles, ctx.dkdv_tiles, ctx.dq_tiles = launch_tiles(q.size(3), v.size(3), q.dtype, q.device)
-        out, lse = _forward(q, k, v, causal, softmax_scale, window, fwd_tiles, doc_start, doc_end)
-        ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end)
+        out, lse = _forward(q, k, v, causal, softmax_scale, window, fwd_tiles, doc_start, doc_end, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end, sinks)
         ctx.causal, ctx.softmax_scale, ctx.window = causal, softmax_scale, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
-        dq, dk, dv = _backward(_unit_last_stride(dout), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                               ctx.window, ctx.dkdv_tiles, ctx.dq_tiles, doc_start, doc_end)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse, doc_start, doc_end, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = _backward(_unit_last_stride(dout), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
+                                       ctx.window, ctx.dkdv_tiles, ctx.dq_tiles, doc_start, doc_end, sinks)
+        return dq, dk, dv, None, None, None, None, None, dsinks
 
 
 def _document_spans(doc_ids):
@@ -553,7 +584,7 @@ def _document_spans(doc_ids):
             torch.searchsorted(doc_ids, doc_ids, right=True, out_int32=True))
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, sinks=None):
     """softmax(q k^T * softmax_scale + mask) v, differentiable, for one sequence length T of queries and keys.
 
     q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk), v (B, n_kv_head, T, d_v) -> (B, n_head, T, d_v), with
@@ -561,8 +592,11 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     256, fp16, bf16 or fp32 (fp32 accumulation throughout). softmax_scale defaults to 1 / sqrt(d_qk).
     window_size=W (causal only): query i sees keys i - W + 1 .. i. doc_ids (B, T), integers that never decrease
     along T: each position's document among those packed one after another in its row (padding at the end can
-    be a document of its own); a query then sees only keys of its own document. There is no other padding mask
-    and no offset between query and key positions (a KV cache): callers with those use another attention.
+    be a document of its own); a query then sees only keys of its own document. sinks (n_head,), finite, float32 or
+    q's dtype, differentiable: each head's sink logit, one more term exp(sinks[h]) in every row's softmax
+    denominator with no value (gpt-oss), so a row's weights on its keys sum to less than one. There is no other
+    padding mask and no offset between query and key positions (a KV cache): callers with those use another
+    attention.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-d (B, heads, T, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -592,6 +626,10 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
         if (doc_ids[:, 1:] < doc_ids[:, :-1]).any():
             raise ValueError("doc_ids must never decrease along T: documents are packed one after another, each "
                              "a contiguous run of equal ids")
+    if sinks is not None and (sinks.shape != (n_head,) or sinks.dtype not in (torch.float32, q.dtype)
+                              or sinks.device != q.device):
+        raise ValueError(f"sinks must be a float32 or {q.dtype} tensor of shape (n_head,) = ({n_head},) on {q.device}, "
+                         f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
     if not q.is_cuda and not INTERPRETED:
         raise RuntimeError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before importing myllm_kernels")
     softmax_scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else float(softmax_scale)
@@ -599,4 +637,6 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     window = T if window_size is None else min(int(window_size), T)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     doc_start, doc_end = (None, None) if doc_ids is None else _document_spans(doc_ids)
-    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, window, doc_start, doc_end)
+    # The kernels read fp32 logits; autograd casts their gradient back to sinks' own dtype.
+    sinks = None if sinks is None else sinks.float()
+    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, window, doc_start, doc_end, sinks)

@@ -1,10 +1,12 @@
 """Tests of myllm_kernels/attention_reference.py: tiled_attention, the flash forward's algorithm block by block, computes
 reference_attention's function; and reference_attention itself is PyTorch's scaled_dot_product_attention, so the
 float64 oracle that tests/test_kernels.py trusts is checked against an implementation that is not ours. Both with
-and without packed documents (doc_ids), whose mask SDPA gets as an explicit boolean matrix.
+and without packed documents (doc_ids), whose mask SDPA gets as an explicit boolean matrix. With attention sinks,
+which SDPA has no way to express, the oracle is checked against transformers' gpt-oss eager attention instead.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,14 +79,21 @@ def test_tiled_attention_equals_reference(case, doc_lengths):
     expected = reference_attention(q, k, v, causal, softmax_scale, window_size, doc_ids)
     assert out.shape == (B, n_head, T, d_v) and out.dtype == torch.float32 and lse.shape == (B, n_head, T)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    assert_lse_is_the_log_of_the_softmax_denominator(lse, q, k, case, doc_lengths)
 
-    # lse is base 2 (the kernel's units): times ln 2 it is the natural log-sum-exp of the row's scaled scores.
+
+def assert_lse_is_the_log_of_the_softmax_denominator(lse, q, k, case, doc_lengths, sinks=None):
+    """lse is base 2 (the kernel's units): times ln 2 it is the natural log-sum-exp of the row's scaled scores (and
+    of its sink logit, given sinks)."""
+    _, n_head, n_kv_head, T, d_qk, _, causal, window_size, softmax_scale, _, _ = case
     scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else softmax_scale
     k64 = k.double().repeat_interleave(n_head // n_kv_head, dim=1)
     scores = q.double() @ k64.transpose(-2, -1) * scale
     mask = attn_mask(T, causal, window_size, doc_lengths)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat((scores, sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)), dim=-1)
     torch.testing.assert_close(lse.double() * math.log(2), torch.logsumexp(scores, dim=-1), rtol=1e-6, atol=1e-5)
 
 
@@ -119,3 +128,55 @@ def test_rejects_a_window_without_causal_or_below_one(attention, causal, window_
     q, k, v = random_qkv(1, 2, 2, 8, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="window_size"):
         attention(q, k, v, causal=causal, window_size=window_size)
+
+
+# Attention sinks, a few of CASES and DOC_CASES: causal and not, windows, GQA, packed documents, T mid-block.
+SINK_CASES = {name: CASES[name] for name in ("mha_causal_T37", "gqa2_full_T50", "window5_smaller_than_blocks",
+                                             "window40_spans_blocks_gqa2", "T1")}
+SINK_DOC_CASES = {name: DOC_CASES[name] for name in ("docs_causal_T70", "docs_window9_gqa4")}
+
+
+def random_sinks(n_head, dtype):
+    """Sink logits around the scores' own size (unit q and k: s ~ N(0, 1)), so that the sink takes a real share of
+    some rows and almost none of others; one far above every score, where the sink takes nearly all."""
+    sinks = torch.randn(n_head, generator=torch.Generator().manual_seed(2), dtype=dtype) * 2
+    sinks[0] = 6.0
+    return sinks
+
+
+@pytest.mark.parametrize("case, doc_lengths", with_docs(SINK_CASES, SINK_DOC_CASES))
+def test_reference_with_sinks_equals_gpt_oss_eager_attention(case, doc_lengths):
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, _, _ = case
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, torch.float64))
+    sinks = random_sinks(n_head, torch.float64).requires_grad_()
+    mask = attn_mask(T, causal, window_size, doc_lengths)
+    additive = None if mask is None else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else softmax_scale
+    module = SimpleNamespace(num_key_value_groups=n_head // n_kv_head, sinks=sinks, training=False)
+    expected, _ = eager_attention_forward(module, q, k, v, additive, scaling=scale)
+    expected = expected.transpose(1, 2)  # theirs is (B, T, n_head, d_v)
+    out = reference_attention(q, k, v, causal, softmax_scale, window_size,
+                              None if doc_lengths is None else packed_doc_ids(doc_lengths), sinks=sinks)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # Without the sink the outputs differ: the sink's share of each row is missing from its weights.
+    assert (out - reference_attention(q, k, v, causal, softmax_scale, window_size,
+                                      None if doc_lengths is None else packed_doc_ids(doc_lengths))).abs().max() > 0.1
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inputs = (q, k, v, sinks)
+    for name, ours, theirs in zip("q k v sinks".split(), torch.autograd.grad(out, inputs, dout),
+                                  torch.autograd.grad(expected, inputs, dout)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("case, doc_lengths", with_docs(SINK_CASES, SINK_DOC_CASES))
+def test_tiled_attention_with_sinks_equals_reference(case, doc_lengths):
+    B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, block_m, block_n = case
+    q, k, v = random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, torch.float32)
+    sinks = random_sinks(n_head, torch.float32)
+    doc_ids = None if doc_lengths is None else packed_doc_ids(doc_lengths)
+    out, lse = tiled_attention(q, k, v, causal, softmax_scale, window_size, doc_ids, sinks, block_m, block_n)
+    expected = reference_attention(q, k, v, causal, softmax_scale, window_size, doc_ids, sinks)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    assert_lse_is_the_log_of_the_softmax_denominator(lse, q, k, case, doc_lengths, sinks)

@@ -1,6 +1,7 @@
 """Tests of myllm_kernels/flash_attention.py: output and gradients against float64 math attention
 (myllm_kernels/attention_reference.py, tested in tests/test_attention_reference.py). With packed documents (doc_ids)
 also each document against itself run alone, and the block skipping against NaN planted in the other documents.
+With attention sinks, the output and the gradients of q, k, v and the sink logits against the same reference.
 
 Without a GPU the kernels run in Triton's CPU interpreter. conftest.py sets TRITON_INTERPRET before myllm_kernels is
 imported (@triton.jit reads it when a kernel is defined) and stay set (Triton reads it again at launch).
@@ -14,7 +15,7 @@ import torch
 from myllm_kernels import flash_attention  # TRITON_INTERPRET is set by conftest.py when there is no GPU
 from myllm_kernels.attention_reference import reference_attention, tiled_attention
 from myllm_kernels.flash_attention import _document_spans, _forward, launch_tiles
-from test_attention_reference import packed_doc_ids, with_docs
+from test_attention_reference import packed_doc_ids, random_sinks, with_docs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Largest error allowed, relative to the largest entry of the float64 result (at least 1: with one visible
@@ -96,18 +97,49 @@ def test_output_and_gradients_match_float64_reference(case, doc_lengths):
         assert_close_to(actual, exact, dtype, name)
 
 
-@pytest.mark.parametrize("doc_lengths", [None, [[5, 40, 25], [70]]])
-def test_forward_matches_tiled_attention_with_the_same_tiles(doc_lengths):
+@pytest.mark.parametrize("doc_lengths, with_sinks", [(None, False), ([[5, 40, 25], [70]], False),
+                                                     ([[5, 40, 25], [70]], True)])
+def test_forward_matches_tiled_attention_with_the_same_tiles(doc_lengths, with_sinks):
     # tiled_attention is the forward's algorithm in plain PyTorch: given the kernel's tiles it visits the same key
-    # blocks, so the output and the log-sum-exp saved for the backward agree to fp32 rounding.
+    # blocks, so the output and the log-sum-exp saved for the backward (with sinks: including the sink) agree to
+    # fp32 rounding.
     q, k, v = (x.detach() for x in random_qkv(2, 4, 2, 70, 32, 24, torch.float32, "bhtd"))
     doc_ids = None if doc_lengths is None else packed_doc_ids(doc_lengths).to(DEVICE)
     spans = (None, None) if doc_ids is None else _document_spans(doc_ids)  # what flash_attention passes
+    sinks = random_sinks(4, torch.float32).to(DEVICE) if with_sinks else None
     tiles = launch_tiles(32, 24, q.dtype, q.device)[0]
-    out, lse = _forward(q, k, v, True, 0.2, 20, tiles, *spans)
-    expected_out, expected_lse = tiled_attention(q, k, v, True, 0.2, 20, doc_ids, tiles.block_m, tiles.block_n)
+    out, lse = _forward(q, k, v, True, 0.2, 20, tiles, *spans, sinks)
+    expected_out, expected_lse = tiled_attention(q, k, v, True, 0.2, 20, doc_ids, sinks, tiles.block_m,
+                                                 tiles.block_n)
     torch.testing.assert_close(out, expected_out, rtol=0, atol=2e-5)
     torch.testing.assert_close(lse, expected_lse, rtol=0, atol=2e-5)
+
+
+# Attention sinks on a few of the cases above: causal and not, windows, GQA, packed documents, T mid-block, fp16
+# (with fp16 sink logits, the inputs' dtype; fp32 ones otherwise).
+SINK_CASES = {name: CASES[name] for name in ("mha_causal_T37", "gqa2_full_T50", "window5_smaller_than_blocks_d40",
+                                             "window20_gqa2_fp16", "T1")}
+SINK_DOC_CASES = {name: DOC_CASES[name] for name in ("docs_mha_causal_T70", "docs_window9_gqa2_fp16")}
+
+
+@pytest.mark.parametrize("case, doc_lengths", with_docs(SINK_CASES, SINK_DOC_CASES))
+def test_output_and_gradients_with_sinks_match_float64_reference(case, doc_lengths):
+    B, n_head, n_kv_head, T, d_qk, d_v, causal, window_size, softmax_scale, dtype, layout = case
+    q, k, v = random_qkv(B, n_head, n_kv_head, T, d_qk, d_v, dtype, layout)
+    sinks = random_sinks(n_head, dtype).to(DEVICE).requires_grad_()
+    doc_ids = None if doc_lengths is None else packed_doc_ids(doc_lengths).to(DEVICE)
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                          doc_ids=doc_ids, sinks=sinks)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=DEVICE, dtype=dtype)
+    out.backward(dout)
+
+    q64, k64, v64, sinks64 = (x.detach().double().requires_grad_() for x in (q, k, v, sinks))
+    expected = reference_attention(q64, k64, v64, causal, softmax_scale, window_size, doc_ids, sinks64)
+    expected.backward(dout.double())
+    assert out.shape == (B, n_head, T, d_v) and out.dtype == dtype and sinks.grad.dtype == dtype
+    for name, actual, exact in (("out", out, expected), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
+                                ("dv", v.grad, v64.grad), ("dsinks", sinks.grad, sinks64.grad)):
+        assert_close_to(actual, exact, dtype, name)
 
 
 @pytest.mark.parametrize("causal, window_size", [(True, 8), (False, None)])
@@ -180,6 +212,10 @@ def test_backward_is_bit_reproducible():
      "doc_ids must be an integer tensor"),
     (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)),
      {"doc_ids": torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]], device=DEVICE)}, "never decrease"),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"sinks": torch.zeros(1, 2, device=DEVICE)},
+     r"sinks must be a float32 or torch.float32 tensor of shape \(n_head,\) = \(2,\)"),
+    (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"sinks": torch.zeros(2, dtype=torch.float16, device=DEVICE)},
+     "sinks must be a float32"),
 ])
 def test_rejects_unsupported_arguments_with_a_clear_error(shapes, kwargs, message):
     q, k, v = (torch.zeros(shape, device=DEVICE) for shape in shapes)

@@ -507,6 +507,23 @@ def test_sink_logits_compute_what_gpt_oss_eager_attention_computes():
     assert (plain < 1).all() and (plain > 0).all()
 
 
+def test_sinks_on_the_triton_kernel_compute_what_eager_computes():
+    # The kernel (in its interpreter) against eager attention, logits and every gradient, the sinks' included.
+    models = [lively_model(attn_impl=impl, attention_sinks=True, dtype=torch.float32, **ARCHS["sliding"])
+              for impl in ("flash", "eager")]
+    for model in models:
+        with torch.no_grad():
+            for block in model.layers:
+                block.attn.sinks.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(3))
+    idx = torch.randint(0, 64, (2, 16))
+    (logits, loss), (expected, expected_loss) = (model(idx, idx) for model in models)
+    assert_close(logits, expected, rtol=0, atol=1e-4)
+    loss.backward()
+    expected_loss.backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert_close(p.grad, q.grad, rtol=0, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_a_model_with_sinks_caches_pads_and_learns_its_sink_logits(impl):
     model = lively_model(attn_impl=impl, attention_sinks=True, **ARCHS["sliding"])
