@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    try:
-        engine = Engine(*load_model(args.ckpt, device), max_batch=1)
-    except ValueError as e:
-        raise SystemExit(f"chat.py: {e}")
+    engine = Engine(*load_model(args.ckpt, device), max_batch=1)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         reply(engine, system + [{"role": "user", "content": args.prompt}], args, sys.stdout)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache, next_token
+from model import KVCache, next_token, roll_window, update_rolling
 from sample import TextStream
 
 
@@ -45,13 +45,17 @@ class SlotCache:
     that row's own position and returns the whole rows. length is the longest row (forward's context check)."""
 
     def __init__(self, config, n_rows, device):
-        self.max_len = config.block_size
+        layout = KVCache(config, 0, 0)  # which cache slots are full layers, and how much a sliding layer keeps
+        self.full, self.keep, self.max_len = layout.full, layout.keep, config.block_size
         self.tensors = None  # (full-attention layers, n_rows, heads, block_size, dim) each, allocated by the first insert
         self.linear_states = {}  # layer -> (conv state, S) of every row, for linear-attention layers
+        # A sliding layer's last keep keys per row: every row takes one token per step (an empty row a masked one),
+        # so each row's window rolls with its own sequence, whatever the others' lengths.
+        self.rolling = {}
+        self.window_is_real = torch.zeros(n_rows, self.keep, dtype=torch.bool, device=device)
         self.key_is_real = torch.zeros(n_rows, config.block_size, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.padded = True  # rows of different lengths: forward always needs the mask
-        self.keep = 0  # no sliding-window layers (Engine refuses them)
 
     @property
     def length(self):
@@ -64,11 +68,13 @@ class SlotCache:
             self.tensors = [t.new_zeros(t.size(0), n_rows, *t.shape[2:]) for t in cache.tensors]
         for stored, t in zip(self.tensors or [], cache.tensors or []):
             stored[:, row, :, :n] = t[:, 0, :, :n]
-        for layer, state in cache.linear_states.items():
-            if layer not in self.linear_states:
-                self.linear_states[layer] = tuple(t.new_zeros(n_rows, *t.shape[1:]) for t in state)
-            for stored, t in zip(self.linear_states[layer], state):
-                stored[row] = t[0]
+        for states, theirs in ((self.linear_states, cache.linear_states), (self.rolling, cache.rolling)):
+            for layer, state in theirs.items():
+                if layer not in states:
+                    states[layer] = tuple(t.new_zeros(n_rows, *t.shape[1:]) for t in state)
+                for stored, t in zip(states[layer], state):
+                    stored[row] = t[0]
+        self.window_is_real[row] = cache.window_is_real[0]
         self.key_is_real[row] = False  # what a previous sequence left beyond n is masked, then overwritten
         self.key_is_real[row, :n] = True
         self.n_real[row] = n
@@ -82,16 +88,20 @@ class SlotCache:
         rows = is_real[:, 0]
         self.key_is_real[rows, self.n_real[rows]] = True
         self.n_real += rows
+        self.window_keys_real, self.window_is_real = roll_window(self.window_is_real, is_real, self.keep)
         return self.key_is_real
 
     def update(self, layer, *new):
         """new (B, heads, 1, dim) each, written at each row's own position (an empty row writes position 0,
-        masked and overwritten by the next insert); returns the whole rows (B, heads, block_size, dim)."""
+        masked and overwritten by the next insert); returns the whole rows (B, heads, block_size, dim). A sliding
+        layer's: its kept keys and the new one (B, heads, keep + 1, dim), as KVCache rolls them."""
+        if layer not in self.full:
+            return update_rolling(self.rolling, layer, new, self.keep)
         rows = torch.arange(new[0].size(0), device=new[0].device)
-        columns = (self.n_real - 1).clamp(min=0)
+        columns, i = (self.n_real - 1).clamp(min=0), self.full[layer]
         for stored, t in zip(self.tensors, new):
-            stored[layer][rows, :, columns] = t[:, :, 0]
-        return tuple(stored[layer] for stored in self.tensors)
+            stored[i][rows, :, columns] = t[:, :, 0]
+        return tuple(stored[i] for stored in self.tensors)
 
 
 @dataclass
@@ -182,9 +192,6 @@ class Engine:
     """The scheduler: a line of waiting requests, max_batch cache rows, and step(), one forward for all."""
 
     def __init__(self, model, tokenizer, max_batch=16, max_queue=64):
-        if "sliding_attention" in model.config.layer_types:
-            # Rows of different lengths would each need their window counted from their own position.
-            raise ValueError("sliding-window layers are not served yet: each cache row would need its own window")
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self.device = model.wte.weight.device
         self.cache = SlotCache(model.config, max_batch, self.device)

@@ -712,6 +712,23 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
 
+def roll_window(kept, new, keep):
+    """A sliding layer's keys (or their realness) this step: the kept ones, then the new, along the last dims
+    (..., keep + T, dim) or (B, keep + T); and the last `keep` of them, what the next step can still see."""
+    dim = 2 if new.dim() == 4 else 1
+    keys = torch.cat((kept, new), dim=dim)
+    return keys, keys.narrow(dim, keys.size(dim) - keep, keep)
+
+
+def update_rolling(rolling, layer, new, keep):
+    """A sliding layer's cache step: returns its kept keys (and values) with the new, each (B, heads, keep + T, dim),
+    and leaves the last keep of them in rolling[layer] (zeros, all masked, before the first step)."""
+    kept = rolling.get(layer) or tuple(t.new_zeros(*t.shape[:2], keep, t.size(3)) for t in new)
+    rolled = [roll_window(old, t, keep) for old, t in zip(kept, new)]
+    rolling[layer] = tuple(last for _, last in rolled)
+    return tuple(keys for keys, _ in rolled)
+
+
 class KVCache:
     """What attention needs of the tokens seen so far, so that each generation step runs only the new tokens.
 
@@ -768,9 +785,8 @@ class KVCache:
         self.key_is_real[:, self.length : self.length + T] = is_real
         self.n_real += is_real.sum(dim=1)
         self.length += T
-        # The sliding layers' keys this forward: the kept ones, then the new (B, keep + T); keep the last again.
-        self.window_keys_real = torch.cat((self.window_is_real, is_real), dim=1)
-        self.window_is_real = self.window_keys_real[:, self.window_keys_real.size(1) - self.keep :]
+        # The sliding layers' keys this forward: the kept ones, then the new (B, keep + T).
+        self.window_keys_real, self.window_is_real = roll_window(self.window_is_real, is_real, self.keep)
         return self.key_is_real[:, : self.length]
 
     def select(self, rows):
@@ -787,10 +803,7 @@ class KVCache:
         """Store one layer's tensors of the new tokens, each (B, heads, T, dim); return each with all so far (a
         sliding layer: with its kept ones, as window_keys_real describes them)."""
         if layer not in self.full:
-            kept = self.rolling.get(layer) or tuple(t.new_zeros(*t.shape[:2], self.keep, t.size(3)) for t in new)
-            keys = tuple(torch.cat((old, t), dim=2) for old, t in zip(kept, new))  # (B, heads, keep + T, dim)
-            self.rolling[layer] = tuple(t[:, :, t.size(2) - self.keep :] for t in keys)
-            return keys
+            return update_rolling(self.rolling, layer, new, self.keep)
         if self.tensors is None:
             self.tensors = [t.new_zeros(self.n_layer, t.size(0), t.size(1), self.max_len, t.size(3)) for t in new]
         start, i = self.length - new[0].size(2), self.full[layer]

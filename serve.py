@@ -337,10 +337,7 @@ def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = load_model(args.ckpt, resolve_device(args.device))
     name = args.model_name or os.path.basename(os.path.abspath(args.ckpt))
-    try:
-        server = Server(Engine(model, tokenizer, args.max_batch, args.max_queue), name, args.api_key)
-    except ValueError as e:
-        raise SystemExit(f"serve.py: {e}")
+    server = Server(Engine(model, tokenizer, args.max_batch, args.max_queue), name, args.api_key)
     print(f"serving {name} at http://{args.host}:{args.port}/ ({args.max_batch} sequences at a time"
           f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

@@ -49,8 +49,12 @@ def tiny_model(vocab_size, **arch):
 HYBRID = dict(layer_types=["linear_attention", "full_attention"], linear_chunk_size=4)
 
 
-@pytest.mark.parametrize("arch", [{}, MLA_TINY, HYBRID, {**HYBRID, "layer_types": ["linear_attention"] * 2}],
-                         ids=["gqa", "mla", "hybrid", "linear"])
+SLIDING = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5)
+
+
+@pytest.mark.parametrize("arch", [{}, MLA_TINY, HYBRID, {**HYBRID, "layer_types": ["linear_attention"] * 2}, SLIDING,
+                                  {**SLIDING, **MLA_TINY, "layer_types": ["sliding_attention"] * 2}],
+                         ids=["gqa", "mla", "hybrid", "linear", "sliding", "sliding_mla"])
 def test_each_step_equals_a_full_forward_of_the_sequence(tokenizer, monkeypatch, arch):
     model = tiny_model(tokenizer.vocab_size, **arch).double()
     seen = []  # (choice, tokens so far, the logits it picked from)
@@ -132,8 +136,6 @@ def test_a_cancelled_request_frees_its_rows_for_the_next_in_line(tokenizer):
     for bad in (Sampling(5, n=3), Sampling(48)):
         with pytest.raises(ValueError):
             eng.submit(Request([3], bad, Collected(3)))
-    with pytest.raises(ValueError, match="sliding-window layers are not served yet"):
-        Engine(tiny_model(tokenizer.vocab_size, layer_types=["sliding_attention"] * 2, sliding_window=4), tokenizer)
 
 
 def test_a_failing_step_answers_everyone_and_the_loop_goes_on(tokenizer, monkeypatch):
