@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -335,6 +336,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:  # before the model loads: a port in use is one sentence, not a log line after "serving"
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise SystemExit(f"serve.py: cannot listen on {args.host}:{args.port}: {e.strerror}")
     model, tokenizer = load_model(args.ckpt, resolve_device(args.device))
     name = args.model_name or os.path.basename(os.path.abspath(args.ckpt))
     server = Server(Engine(model, tokenizer, args.max_batch, args.max_queue), name, args.api_key)

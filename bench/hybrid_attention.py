@@ -87,7 +87,8 @@ def quality(data_dir, max_iters):
         if max_iters:
             args += [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max_iters}"]
         t0 = time.time()
-        subprocess.run(args, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        if subprocess.run(args, cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
+            raise SystemExit(f"bench/hybrid_attention.py: train.py failed for {name} (its message is above)")
         records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         last = [r for r in records if "val_bpb" in r][-1]
         rows.append((name, last["val_bpb"], time.time() - t0))
@@ -100,6 +101,8 @@ def main():
     parser.add_argument("--max_iters", type=int, default=0, help="--quality: steps per run (0: cpu_demo's 350)")
     parser.add_argument("--data_dir", default="data/pystdlib", help="--quality: prepare_data.py's default corpus")
     args = parser.parse_args()
+    if args.quality and not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
+        raise SystemExit(f"--data_dir {args.data_dir} holds no prepared data: run python prepare_data.py first")
     torch.set_num_threads(os.cpu_count())
 
     print("\nOne layer, forward + backward, batch 1, width 256 (fp32)\n")
