@@ -152,6 +152,15 @@ def _prepare_kernel(K, V, LOG_A, BETA, G, M_INV, U, KD, stride_kb, stride_kh, st
 
 
 @triton.jit
+def _state_program(n_heads, CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """What a program of the two sequential passes (_state_kernel and its mirror) owns: its batch, head and
+    batch * head, a chunk's row offsets, the d_k offsets, and its tile of d_v columns (grid axis 0)."""
+    b, h = _batch_and_head(tl.program_id(1), n_heads)
+    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return b, h, b * n_heads + h, tl.arange(0, CHUNK), tl.arange(0, BLOCK_DK), offs_v
+
+
+@triton.jit
 def _state_kernel(K, G, U, KD, H0, HS, WS, HT, stride_kb, stride_kh, stride_kt, T, n_heads, n_chunks,
                   D_K: tl.constexpr, D_V: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr,
                   CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -161,11 +170,7 @@ def _state_kernel(K, G, U, KD, H0, HS, WS, HT, stride_kb, stride_kh, stride_kt, 
     Stores each chunk's entering state (HS, for the outputs), what each token writes, W = U - Kd S (WS), and the
     final state (HT).
     """
-    b, h = _batch_and_head(tl.program_id(1), n_heads)
-    bh = b * n_heads + h
-    rows0 = tl.arange(0, CHUNK)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    b, h, bh, rows0, offs_dk, offs_v = _state_program(n_heads, CHUNK, BLOCK_DK, BLOCK_V)
     acc = G.dtype.element_ty
     s = _load_tile(H0 + bh * (D_K * D_V), offs_dk, D_V, offs_v, D_K, D_V).to(acc)  # (BLOCK_DK, BLOCK_V)
     for c in range(n_chunks):
@@ -228,11 +233,7 @@ def _state_backward_kernel(Q, K, G, KD, DO, DHT, DH, DW, DH0, stride_qb, stride_
     """The mirror of _state_kernel: one program per (d_v tile, batch * head) carries dS from the final state back to
     the initial one. Stores each chunk's dS' (DH), the whole gradient of its writes dW = P^T dO + Ke dS' (DW) and the
     initial state's gradient (DH0). The recursion needs no state S, only dO and the chunk's keys and queries."""
-    b, h = _batch_and_head(tl.program_id(1), n_heads)
-    bh = b * n_heads + h
-    rows0 = tl.arange(0, CHUNK)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    b, h, bh, rows0, offs_dk, offs_v = _state_program(n_heads, CHUNK, BLOCK_DK, BLOCK_V)
     acc = G.dtype.element_ty
     ds = _load_tile(DHT + bh * (D_K * D_V), offs_dk, D_V, offs_v, D_K, D_V).to(acc)  # (BLOCK_DK, BLOCK_V)
     for i in range(n_chunks):
