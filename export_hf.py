@@ -9,6 +9,7 @@ transformers class computes to the last digit, and we write its config.json and 
   GQA + dense MLP            LlamaForCausalLM  (qkv_bias: attention_bias, with o_proj's biases zero)
   GQA + DeepSeek MoE         Glm4MoeForCausalLM (GLM-4.5: Llama-style attention, DeepSeek-V3's router)
   MLA, dense MLP or MoE      DeepseekV3ForCausalLM (a model without MoE is one whose dense layers never end)
+  MLA + DSA indexers         DeepseekV32ForCausalLM (DeepSeek Sparse Attention: the same top-k choice of keys)
   linear attention, qk_norm  Qwen3NextForCausalLM (Gated DeltaNet beside full attention with q/k norm and an
   + attn_output_gate, dense  output gate; its norms scale by 1 + w, so we write our gain minus 1, where exact)
 Anything no class represents exactly is refused with the reason; an approximate export is never written.
@@ -119,7 +120,7 @@ def hf_architecture(config: ModelConfig) -> str:
         raise ValueError("transformers' DeepSeek-style routers (DeepseekV3, Glm4Moe) score experts with a sigmoid, "
                          f"not {config.scoring_func}")
     if config.attn == "mla":
-        return "DeepseekV3ForCausalLM"
+        return "DeepseekV32ForCausalLM" if config.index_n_heads else "DeepseekV3ForCausalLM"
     if config.n_routed_experts:
         return "Glm4MoeForCausalLM"
     # q/k/v biases or not. Not Qwen2ForCausalLM for the biases: transformers 5 gives every qwen2 checkpoint
@@ -164,7 +165,7 @@ def hf_config(config: ModelConfig, arch: str) -> dict:
     }
     if arch == "LlamaForCausalLM":
         hf |= {"model_type": "llama", "head_dim": config.head_dim, "attention_bias": config.qkv_bias, "mlp_bias": False}
-    if config.n_routed_experts or arch == "DeepseekV3ForCausalLM":
+    if config.n_routed_experts or arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM"):
         hf |= {"n_routed_experts": config.n_routed_experts, "n_shared_experts": config.n_shared_experts,
                "num_experts_per_tok": config.num_experts_per_tok, "moe_intermediate_size": config.moe_inter_dim,
                "n_group": config.n_group, "topk_group": config.topk_group, "norm_topk_prob": config.norm_topk_prob,
@@ -183,11 +184,15 @@ def hf_config(config: ModelConfig, arch: str) -> dict:
                "linear_key_head_dim": config.linear_key_head_dim,
                "linear_value_head_dim": config.linear_value_head_dim,
                "linear_conv_kernel_dim": config.linear_conv_kernel_dim, "num_experts": 0, "mlp_only_layers": []}
-    elif arch == "DeepseekV3ForCausalLM":
+    elif arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM"):
         hf |= {"model_type": "deepseek_v3", "num_key_value_heads": config.n_head,  # MLA: every head its own key
                "q_lora_rank": config.q_lora_rank or None, "kv_lora_rank": config.kv_lora_rank,
                "qk_nope_head_dim": config.qk_nope_head_dim, "qk_rope_head_dim": config.qk_rope_head_dim,
                "v_head_dim": config.v_head_dim, "rope_interleave": True, "attention_bias": False}
+    if arch == "DeepseekV32ForCausalLM":  # always interleaved RoPE in MLA, always rotate-half in the indexer
+        del hf["rope_interleave"]
+        hf |= {"model_type": "deepseek_v32", "index_n_heads": config.index_n_heads,
+               "index_head_dim": config.index_head_dim, "index_topk": config.index_topk}
     return hf
 
 
@@ -213,11 +218,13 @@ def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
             continue
-        if arch == "DeepseekV3ForCausalLM" and name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
+        deepseek = arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
+        if deepseek and name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
             tensor = interleave_rope_rows(tensor, c.qk_nope_head_dim + c.qk_rope_head_dim, c.qk_rope_head_dim)
-        elif arch == "DeepseekV3ForCausalLM" and name.endswith("attn.wkv_a.weight"):
+        elif deepseek and name.endswith("attn.wkv_a.weight"):
             tensor = interleave_rope_rows(tensor, c.kv_lora_rank + c.qk_rope_head_dim, c.qk_rope_head_dim)
-        hf_name = ".".join(HF_NAMES.get(part, part) for part in name.split("."))
+        outer, indexer, inner = name.partition(".indexer.")  # the indexer's own names are DeepSeek's, as ours
+        hf_name = ".".join(HF_NAMES.get(part, part) for part in outer.split(".")) + indexer + inner
         if hf_name.endswith("mlp.gate.bias"):
             hf_name = hf_name.replace("gate.bias", "gate.e_score_correction_bias")
         out[hf_name if hf_name.startswith("lm_head") else "model." + hf_name] = tensor.detach().contiguous()

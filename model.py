@@ -75,6 +75,12 @@ class ModelConfig:
     qk_nope_head_dim: int = 64  # per-head query/key dims expanded from the latent, without position
     qk_rope_head_dim: int = 32  # per-head query dims with RoPE; the rope key of this width is shared by all heads
     v_head_dim: int = 64
+    # DeepSeek Sparse Attention (DSA, DeepSeek-V3.2, 2025) on MLA, with transformers' DeepseekV32 names: a small
+    # "lightning indexer" of index_n_heads heads of index_head_dim scores every earlier token for each query, and
+    # attention reads only the index_topk best of them (Indexer). 0 heads: dense MLA, no indexer.
+    index_n_heads: int = 0
+    index_head_dim: int = 64  # its first qk_rope_head_dim dims carry RoPE, as MLA's decoupled rope dims
+    index_topk: int = 256
     # Mixture of experts (DeepSeekMoE, Dai et al. 2024, as configured in DeepSeek-V3).
     n_routed_experts: int = 0  # 0 = the dense SwiGLU MLP in every layer
     n_shared_experts: int = 1  # experts every token goes through
@@ -133,8 +139,12 @@ class ModelConfig:
                 raise ValueError("q_lora_rank and qk_nope_head_dim must be >= 0")
             if self.qkv_bias:
                 raise ValueError("qkv_bias is for attn='gqa'; MLA has no biases")
+            if self.index_n_heads:
+                self._check_indexer()
         else:
             raise ValueError(f"attn must be 'gqa' or 'mla', got {self.attn!r}")
+        if self.index_n_heads and self.attn != "mla":
+            raise ValueError("index_n_heads (DeepSeek Sparse Attention) is for attn='mla'")
         if self.rope_dim % 2:
             raise ValueError(f"head_dim (the RoPE dims of a head) must be even for RoPE's pairs, got {self.rope_dim}")
         self._check_rope_scaling()
@@ -187,6 +197,17 @@ class ModelConfig:
                              f"linear_num_key_heads ({self.linear_num_key_heads})")
         if self.linear_conv_kernel_dim < 2 or self.linear_chunk_size < 1:
             raise ValueError("linear_conv_kernel_dim must be >= 2 and linear_chunk_size >= 1")
+
+    def _check_indexer(self):
+        if self.index_n_heads < 0 or self.index_topk < 1:
+            raise ValueError("index_n_heads must be >= 0 and index_topk >= 1")
+        if self.q_lora_rank == 0:
+            raise ValueError("the DSA indexer reads the query's low-rank latent (as DeepSeek-V3.2's): set q_lora_rank")
+        if not self.qk_rope_head_dim <= self.index_head_dim:
+            raise ValueError(f"index_head_dim ({self.index_head_dim}) must hold the qk_rope_head_dim "
+                             f"({self.qk_rope_head_dim}) dims that carry RoPE")
+        if "sliding_attention" in self.layer_types:
+            raise ValueError("sliding_attention layers with DSA: a layer either chooses its keys or takes a window")
 
     def _check_moe(self):
         E, k, groups = self.n_routed_experts, self.num_experts_per_tok, self.n_group
@@ -520,33 +541,82 @@ class MLA(nn.Module):
         scaling = config.rope_scaling
         if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+        self.indexer = Indexer(config) if config.index_n_heads else None
+        # DSA's dense warm-up (train.py's dsa_warmup): attend to every key while only the indexer learns.
+        self.warmup, self.indexer_loss = False, None  # the loss: set by each training forward
 
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_in = x if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))  # with q_lora: the latent DSA's indexer reads
+        q = (self.wq if self.q_lora_rank == 0 else self.wq_b)(q_in)
         q = q.view(B, T, self.n_head, self.nope_dim + self.rope_dim).transpose(1, 2)  # (B, n_head, T, nope + rope)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)  # (B, T, kv_lora_rank)
         q_rope, k_rope = apply_rope(q_rope, *rope), apply_rope(k_rope[:, None], *rope)  # k_rope (B, 1, T, rope_dim)
         dropout = self.dropout if self.training else 0.0
+        if self.indexer is not None:
+            return self.indexed_forward(x, q_in, q_nope, q_rope, latent, k_rope, rope, mask, kv_cache, dropout)
         if kv_cache is None:  # naive: expand each token's latent into every head's key and value
-            kv = self.wkv_b(latent).view(B, T, self.n_head, self.nope_dim + self.v_head_dim).transpose(1, 2)
-            k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)  # (B, n_head, T, nope), (B, n_head, T, v)
-            k = torch.cat((k_nope, k_rope.expand(-1, self.n_head, -1, -1)), dim=-1)
-            y = attention(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.attn_impl, dropout, self.scale,
-                          self.window)
+            q, k, v = self.expand_heads(q_nope, q_rope, latent, k_rope)
+            y = attention(q, k, v, mask, self.attn_impl, dropout, self.scale, self.window)
         else:  # absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, and W_UV commutes with the weighted sum over c
             kv = torch.cat((latent[:, None], k_rope), dim=-1)  # (B, 1, T, kv_lora_rank + rope_dim): all a token caches
             (kv,) = kv_cache.update(self.layer_id, kv)  # (B, 1, S, kv_lora_rank + rope_dim)
-            # An unmerged LoRA adapter on wkv_b changes the matrix folded here: fold W + (alpha / r) B A.
-            w_kv = self.wkv_b.merged_weight() if isinstance(self.wkv_b, LoRALinear) else self.wkv_b.weight
-            w_kv = w_kv.view(self.n_head, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
-            w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # (n_head, nope, rank), (n_head, v, rank)
+            w_uk, w_uv = self.absorbed_weights()
             q_latent = q_nope @ w_uk  # (B, n_head, T, nope) @ (n_head, nope, rank) -> (B, n_head, T, rank)
             y = self.latent_attention(q_latent, q_rope, kv, mask, dropout)  # (B, n_head, T, kv_lora_rank)
             y = y @ w_uv.transpose(1, 2)  # (B, n_head, T, rank) @ (n_head, rank, v_head_dim) -> (B, n_head, T, v_head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
+
+    def expand_heads(self, q_nope, q_rope, latent, k_rope):
+        """The naive form's queries and keys (B, n_head, T, nope + rope) and values (B, n_head, T, v_head_dim)."""
+        B, T, _ = latent.shape
+        kv = self.wkv_b(latent).view(B, T, self.n_head, self.nope_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)  # (B, n_head, T, nope), (B, n_head, T, v)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.n_head, -1, -1)), dim=-1)
+        return torch.cat((q_nope, q_rope), dim=-1), k, v
+
+    def absorbed_weights(self):
+        """W_UK (n_head, nope, rank) and W_UV (n_head, v_head_dim, rank), the halves of wkv_b. An unmerged LoRA
+        adapter on wkv_b changes the matrix folded here: fold W + (alpha / r) B A."""
+        w_kv = self.wkv_b.merged_weight() if isinstance(self.wkv_b, LoRALinear) else self.wkv_b.weight
+        w_kv = w_kv.view(self.n_head, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        return w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
+
+    def indexed_forward(self, x, q_in, q_nope, q_rope, latent, k_rope, rope, mask, kv_cache, dropout_p):
+        """MLA under DeepSeek Sparse Attention: the indexer picks index_topk keys per query, and the absorbed form
+        attends over those only (DeepSeek-V3.2 runs DSA on MLA's multi-query form: one latent per key, shared by
+        the heads, is read once for all of them). With no more keys than index_topk, or in the dense warm-up, the
+        layer is dense MLA. In training the indexer learns by KL to the attention it steers (indexer_kl)."""
+        B, T, _ = x.shape
+        # The indexer's input is detached (DeepSeek-V3.2's sparse stage): its KL teaches it alone, the language loss
+        # the rest (the choice of keys passes no gradient anyway). In the warm-up the rest is frozen.
+        x_in, q_in = x.detach(), q_in.detach()
+        kv = torch.cat((latent[:, None], k_rope), dim=-1)  # (B, 1, T, kv_lora_rank + rope_dim)
+        index_keys = self.indexer.keys(x_in, rope)  # (B, 1, T, index_head_dim)
+        if kv_cache is not None:
+            kv, index_keys = kv_cache.update(self.layer_id, kv, index_keys)  # (B, 1, S, ...) each
+        S = kv.size(2)
+        spelled = mask if mask is not None else make_attention_mask(torch.ones(B, S, dtype=torch.bool,
+                                                                                device=x.device), T)
+        allowed, has_key = spelled[:2]  # (B, 1, T, S), (B, 1, T, 1)
+        scores = self.indexer(x_in, q_in, rope, index_keys)  # (B, T, S)
+        if (self.warmup or self.indexer.topk >= S) and kv_cache is None:  # dense, naive
+            q, k, v = self.expand_heads(q_nope, q_rope, latent, k_rope)
+            y = attention(q, k, v, mask, self.attn_impl, dropout_p, self.scale)
+            if self.training:  # what the indexer learns: the heads' mean attention over every allowed key
+                self.indexer_loss = indexer_kl(scores, head_mean_probs(q, k, allowed, self.scale), allowed[:, 0])
+        else:  # absorbed, over the chosen keys (every allowed one where topk >= S)
+            k = S if self.warmup else min(self.indexer.topk, S)
+            chosen, valid = self.indexer.choose(scores, allowed, k)  # (B, T, k) key indices, (B, 1, T, k) allowed
+            w_uk, w_uv = self.absorbed_weights()
+            q_absorbed = torch.cat((q_nope @ w_uk, q_rope), dim=-1)  # (B, n_head, T, kv_lora_rank + rope_dim)
+            y, probs = chosen_latent_attention(q_absorbed, kv, chosen, valid, self.kv_lora_rank, self.scale, dropout_p)
+            y = y @ w_uv.transpose(1, 2)  # (B, n_head, T, kv_lora_rank) -> (B, n_head, T, v_head_dim)
+            if self.training:  # over the chosen keys only, as attention saw them
+                self.indexer_loss = indexer_kl(scores.gather(-1, chosen), probs.mean(dim=1).detach(), valid[:, 0])
+        return self.wo(y.masked_fill(~has_key, 0.0).transpose(1, 2).reshape(B, T, -1))  # (B, T, n_embd)
 
     def latent_attention(self, q_latent, q_rope, kv, mask, dropout_p):
         """Attention straight over the cached latents: kv (B, 1, S, kv_lora_rank + rope_dim) holds each token's
@@ -570,6 +640,92 @@ class MLA(nn.Module):
         # kv_lora_rank + rope_dim over the cache as it is stored.
         return attention(torch.cat((q_latent, q_rope), dim=-1), kv, latent, mask, self.attn_impl, dropout_p, self.scale,
                          self.window)
+
+
+class Indexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer: for query t and earlier token s, the index score
+
+        I[t, s] = sum over index heads j of  w[t, j] * ReLU(q[t, j] . k[s] / sqrt(index_head_dim))
+
+    with few small heads (DeepSeek-V3.2: 64 of 128 dims against MLA's 128 of 192), one key per token shared by the
+    heads (so its cache is one vector per token), a per-query weight w for each head, and ReLU rather than a
+    softmax: the scores only rank the keys, and ReLU is cheap (the paper runs it in FP8). The queries come from
+    MLA's query latent, the keys from the layer's input; both carry RoPE on their first qk_rope_head_dim dims."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
+        self.rope_dim = config.qk_rope_head_dim
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.n_embd, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)  # a LayerNorm with its bias here, as DeepSeek's
+        self.weights_proj = nn.Linear(config.n_embd, self.n_heads, bias=False)
+
+    def rotate(self, x, rope):
+        """RoPE on the first rope_dim dims of x (B, heads, T, head_dim), the rest as they are."""
+        x_rope, x_pass = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((apply_rope(x_rope, *rope), x_pass), dim=-1)
+
+    def keys(self, x, rope):
+        """x (B, T, n_embd) -> the tokens' index keys (B, 1, T, index_head_dim), what a KV cache keeps of them."""
+        return self.rotate(self.k_norm(self.wk(x))[:, None], rope)
+
+    def forward(self, x, q_latent, rope, keys):
+        """Index scores (B, T, S) of the T queries (x, and q_latent (B, T, q_lora_rank)) against keys (B, 1, S, d)."""
+        B, T, _ = x.shape
+        q = self.rotate(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), rope)
+        # In float32 at least, as DeepSeek's kernel accumulates; n_heads^-1/2 keeps the sum's scale independent of
+        # the number of heads.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weights = self.weights_proj(x).to(dtype) * self.n_heads**-0.5  # (B, T, n_heads)
+        logits = F.relu(q.to(dtype) @ keys.to(dtype).transpose(-2, -1) * self.head_dim**-0.5)  # (B, n_heads, T, S)
+        return (weights.transpose(1, 2)[..., None] * logits).sum(dim=1)
+
+    def choose(self, scores, allowed, k):
+        """The k best-scoring keys of each query, (B, T, k) indices, and which of them it may see (B, 1, T, k): a
+        query with fewer than k allowed keys (early in the sequence) takes them all, and some masked ones.
+
+        topk has no rule for ties, and ReLU makes them common (a key that every head scores below 0 scores exactly
+        0): which of them it took would depend on the tensor's length, and a cached step would choose other keys
+        than the full forward. So the keys above the k-th score are taken, then the latest of those equal to it."""
+        scores = scores.masked_fill(~allowed[:, 0], float("-inf"))
+        kth = scores.topk(k, dim=-1).values[..., -1:]  # (B, T, 1)
+        above, tied = scores > kth, scores == kth
+        from_end = tied.flip(-1).cumsum(dim=-1).flip(-1)  # tied keys at or after each position
+        take = above | (tied & (from_end <= k - above.sum(dim=-1, keepdim=True)))  # (B, T, S), k per row
+        chosen = take.to(torch.uint8).topk(k, dim=-1).indices  # the set is fixed; its order does not matter
+        return chosen, allowed[:, 0].gather(-1, chosen)[:, None]
+
+
+def chosen_latent_attention(q, kv, chosen, valid, kv_lora_rank, scale, dropout_p):
+    """MLA's absorbed attention over chosen keys only: q (B, n_head, T, kv_lora_rank + rope_dim) against, for each
+    query, its k chosen entries of kv (B, 1, S, kv_lora_rank + rope_dim), the latents being the values. Costs
+    T * k rather than T * S. Returns the output (B, n_head, T, kv_lora_rank) and the weights (B, n_head, T, k)."""
+    picked = kv[:, 0][torch.arange(kv.size(0), device=kv.device)[:, None, None], chosen]  # (B, T, k, rank + rope)
+    scores = torch.einsum("bhtd,btkd->bhtk", q, picked) * scale
+    scores = scores.masked_fill(~valid, float("-inf")).to(torch.promote_types(q.dtype, torch.float32))
+    probs = F.softmax(scores, dim=-1).to(q.dtype)
+    y = torch.einsum("bhtk,btkr->bhtr", F.dropout(probs, p=dropout_p), picked[..., :kv_lora_rank])
+    return y, probs
+
+
+@torch.no_grad()
+def head_mean_probs(q, k, allowed, scale):
+    """The attention weights averaged over the heads, (B, T, S), what DSA's warm-up teaches the indexer; one head
+    at a time, so no (B, n_head, T, S) tensor is ever held. q (B, n_head, T, d), k (B, n_head, S, d)."""
+    mean = 0
+    for h in range(q.size(1)):
+        scores = (q[:, h] @ k[:, h].transpose(-2, -1) * scale).float().masked_fill(~allowed[:, 0], float("-inf"))
+        mean = mean + F.softmax(scores, dim=-1) / q.size(1)
+    return mean
+
+
+def indexer_kl(scores, target, allowed):
+    """DeepSeek-V3.2's indexer loss (eq. 3 of the warm-up, 4 of the sparse stage): KL(target || softmax(scores))
+    over the keys each query may see, (B, T, S) each, averaged over the queries. target: the main attention's
+    weights (summed over heads, normalised), detached, so only the indexer learns from it."""
+    log_q = F.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
+    return (torch.xlogy(target, target) - target * log_q).sum(dim=-1).mean()
 
 
 class MLP(nn.Module):
@@ -758,8 +914,9 @@ class KVCache:
     @staticmethod
     def bytes_per_position(config, dtype=torch.float32):
         """What one token costs one softmax-attention layer's cache."""
-        if config.attn == "mla":
-            return (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
+        if config.attn == "mla":  # the latent and the rope key, and with DSA the indexer's key
+            index_key = config.index_head_dim if config.index_n_heads else 0
+            return (config.kv_lora_rank + config.qk_rope_head_dim + index_key) * dtype.itemsize
         return 2 * config.n_kv_head * config.head_dim * dtype.itemsize  # a key and a value per kv head
 
     @staticmethod
@@ -970,7 +1127,7 @@ class Transformer(nn.Module):
         # The mean over the targets there are: a window of prompts only (all -100) adds 0, where the mean would
         # be 0 / 0 = NaN in the forward and the backward.
         nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        return logits, nats / (targets != -100).sum().clamp(min=1) + self.balance_penalty()
+        return logits, nats / (targets != -100).sum().clamp(min=1) + self.auxiliary_loss()
 
     def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real, window_mask):
         x = self.wte(idx)  # (B, T, n_embd)
@@ -982,14 +1139,27 @@ class Transformer(nn.Module):
         if targets is not None:
             # float32 log-softmax: bf16 logits would round the loss; -100 marks positions without a target.
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            loss = loss + self.balance_penalty()
+            loss = loss + self.auxiliary_loss()
         return logits, loss
 
-    def balance_penalty(self):
-        """alpha times DeepSeek-V3's sequence-wise balance loss of every MoE layer (0 when off or evaluating)."""
-        if not (self.training and self.config.balance_loss_coef > 0):
+    def auxiliary_loss(self):
+        """What training adds to the language loss (0 when evaluating): alpha times DeepSeek-V3's sequence-wise
+        balance loss of every MoE layer, and the DSA indexers' KL, summed over the layers (each indexer learns
+        from its own layer's term at the same scale, however many layers there are)."""
+        if not self.training:
             return 0.0
-        return self.config.balance_loss_coef * sum(moe.balance_loss for moe in self.moe_layers())
+        loss = self.indexer_kl()
+        if self.config.balance_loss_coef > 0:
+            loss = loss + self.config.balance_loss_coef * sum(moe.balance_loss for moe in self.moe_layers())
+        return loss
+
+    def indexed_layers(self):
+        """The MLA layers that DeepSeek Sparse Attention's indexers steer."""
+        return [block.attn for block in self.layers if getattr(block.attn, "indexer", None) is not None]
+
+    def indexer_kl(self):
+        """The indexers' KL of the last training forward, summed over the layers (0 without DSA)."""
+        return sum(layer.indexer_loss for layer in self.indexed_layers())
 
     def expert_load(self):
         """Tokens routed to each expert since the last bias update, (n_moe_layers, n_routed_experts)."""

@@ -157,7 +157,7 @@ class Preferences:
             self.step_tokens = sum(len(ids) - 1 for p in range(it * self.step_pairs, (it + 1) * self.step_pairs)
                                    for ids, _ in self.pairs["train"][self._pair_at(p)])
         share = 1 / self.accum_steps
-        loss = (loss + model.balance_penalty()) * share
+        loss = (loss + model.auxiliary_loss()) * share
         return loss, loss.detach(), torch.stack([parts["accuracy"], parts["margin"], chosen_nll.detach()]) * share
 
     def record(self, parts: list[float]) -> dict:

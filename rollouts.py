@@ -141,7 +141,7 @@ class Policy:
         n = mask.sum()
         metrics = torch.stack([parts["kl"], (entropy * mask).sum() / n.clamp(min=1), parts["clipped_fraction"]])
         share = n * self.world_size / max(1.0, self.reply_tokens)
-        loss = (loss + model.balance_penalty()) * share
+        loss = (loss + model.auxiliary_loss()) * share
         return loss, loss.detach(), metrics * share
 
     def record(self, parts: list[float]) -> dict:

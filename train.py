@@ -116,6 +116,10 @@ dpo_pairs = ""  # dpo: the preference pairs to train on, JSONL (preferences.py);
 dpo_val_pairs = ""  # dpo: held-out pairs, whose preference accuracy every evaluation logs
 dpo_beta = 0.1  # dpo: the scale of the implicit reward beta log(pi / pi_ref); smaller lets pi move further
 dpo_nll_weight = 0.0  # dpo: > 0 adds that times the chosen reply's per-token cross-entropy (RPO), 0 is plain DPO
+# DeepSeek Sparse Attention (model keys index_n_heads, index_head_dim, index_topk): DeepSeek-V3.2's recipe adds the
+# indexers to a trained dense MLA run (init_from it; only their weights start fresh), trains them alone while
+# attention stays dense (dsa_warmup), then trains the whole model sparse, from that run, with dsa_warmup off.
+dsa_warmup = False  # attend to every key and train only the indexers, by KL to that attention
 # Lowercase names only: the constants imported above (PAD_ID) are not settings.
 DEFAULTS = {k: v for k, v in globals().items()
             if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -194,6 +198,10 @@ def check_config(c: dict, world_size: int) -> None:
         raise SystemExit(f"task={c['task']!r} is the prompts of objective='grpo': set that objective too")
     if (c["dpo_pairs"] or c["dpo_val_pairs"]) and c["objective"] != "dpo":
         raise SystemExit("dpo_pairs and dpo_val_pairs are the data of objective='dpo': set that objective too")
+    if c["dsa_warmup"] and not (c["index_n_heads"] and c["attn"] == "mla" and c["objective"] == "lm" and
+                                not c["lora_rank"]):
+        raise SystemExit("dsa_warmup trains DeepSeek Sparse Attention's indexers (attn='mla', index_n_heads > 0) on "
+                         "the language-model objective, without LoRA")
     if c["compile"] and c["zero_stage"] == 3:
         raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
 
@@ -432,6 +440,8 @@ def micro_batch_loss(train_model, model: Transformer, teacher, own_data, data: T
     if teacher is None:
         _, loss = train_model(x, y, doc_ids=doc_ids)
         parts = torch.zeros(2, device=loss.device)
+        if model.indexed_layers():  # DSA: the indexers' KL, which the loss includes
+            parts[1] = model.indexer_kl().detach()
     else:
         loss, parts = teacher.loss(train_model, model, x, y, doc_ids, it)
     if data.packs is None:
@@ -518,7 +528,7 @@ class Teacher:
         with torch.no_grad():
             teacher_logits, _ = self.model(x, doc_ids=doc_ids)
         loss, parts = distillation_loss(logits, teacher_logits, y, self.alpha(it), self.temperature)
-        return loss + model.balance_penalty(), torch.stack([parts["ce"], parts["kl"]])
+        return loss + model.auxiliary_loss(), torch.stack([parts["ce"], parts["kl"]])
 
 
 def objective_data(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None, rank: int,
@@ -680,9 +690,10 @@ def take_base_shape(c: dict, base: dict) -> None:
     every model key takes the base's value in c, and one set here to something else is refused. The attention
     backend and dropout are this run's."""
     saved = asdict(ModelConfig(**base["model_config"]))  # a field added since then has its default
+    adds_indexers = saved["attn"] == "mla" and not saved["index_n_heads"] and c["index_n_heads"]
     for key in MODEL_KEYS:
-        if key in ("attn_impl", "dropout"):
-            continue
+        if key in ("attn_impl", "dropout") or (adds_indexers and key.startswith("index_")):
+            continue  # (DSA's indexers may be added to a dense MLA base: its new weights start fresh, see build)
         if c[key] != DEFAULTS[key] and c[key] != saved[key]:
             raise SystemExit(f"{key}={c[key]!r} here but {saved[key]!r} in {base['record']['out_dir']}, whose shape "
                              "this run keeps: leave the model's keys out of a fine-tuning config")
@@ -735,7 +746,14 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
     checkpoint = read_resume_checkpoint(c, model_config, data.meta, data.device) if c["init_from"] == "resume" else None
     model = Transformer(model_config).to(data.device)
     if base is not None:
-        model.load_state_dict(base["model"])
+        missing, unexpected = model.load_state_dict(base["model"], strict=False)
+        if unexpected or any(".indexer." not in name for name in missing):  # new indexers are all it may lack
+            model.load_state_dict(base["model"])  # raises, naming the keys
+    if c["dsa_warmup"]:  # only the indexers reach param_groups, the engine and AdamW
+        model.requires_grad_(False)
+        for layer in model.indexed_layers():
+            layer.indexer.requires_grad_(True)
+            layer.warmup = True
     if c["lora_rank"]:  # frozen base, trainable adapters: only they reach param_groups, the engine and AdamW
         try:
             add_lora(model, **lora_settings(c))
@@ -776,6 +794,10 @@ def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> N
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = "adapter and embedding" if config["lora_embeddings"] else "adapter"
         print(f"LoRA: {trained:,} {what} parameters trained, the base's {model.num_params(False) - trained:,} frozen")
+    if config["dsa_warmup"]:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"DSA warm-up: the indexers' {trained:,} parameters trained, the other {model.num_params(False):,} "
+              "frozen, attention dense")
     for split, pack in (data.packs or {}).items():
         print(f"{split}: {len(pack.lengths):,} conversations packed into {len(pack.windows):,} windows of "
               f"{pack.capacity} tokens, {pack.real:.1%} of them real; {pack.truncated} longer than a window, truncated")
@@ -820,7 +842,7 @@ def main(argv: list[str]) -> None:
     if progress["iter_num"] > 0:
         on_rank0(lambda: trim_metrics(c["out_dir"], progress["iter_num"]))
     train_model = torch.compile(model) if c["compile"] else model
-    moe = len(model.moe_layers()) > 0
+    moe, dsa = len(model.moe_layers()) > 0, teacher is None and own_data is None and bool(model.indexed_layers())
     flops_per_token, peak = model.estimate_flops(), peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     comm_theory = engine.theory_bytes(accum_steps)
@@ -887,13 +909,15 @@ def main(argv: list[str]) -> None:
             dt = time.time() - t0  # .item() above waited for the device, so this is the real step time (sampling too)
             tokens_per_s = (tokens_per_iter if own_data is None else own_data.step_tokens) / dt
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
-            if teacher is not None or own_data is not None:
+            if teacher is not None or own_data is not None or dsa:
                 parts = (all_reduce_sum(parts_sum) / world_size).tolist()
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 record = {"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": time.time() - t_start,
                           **comm, "comm_bytes_theory": comm_theory}  # per rank, this step
+                if dsa:  # the indexers' KL to the attention they steer, summed over the layers
+                    record["indexer_kl"] = parts[1]
                 if teacher is not None:  # the schedule as applied, and both terms (means over the global batch)
                     record |= {"distill_alpha": teacher.alpha(iter_num - 1), "ce": parts[0], "kl": parts[1]}
                 if own_data is not None:  # the step's round of replies and the loss's metrics (token means)

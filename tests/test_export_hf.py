@@ -33,6 +33,7 @@ MOE = dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_grou
 LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=6,
               linear_chunk_size=8)
 GATED = dict(qk_norm=True, attn_output_gate=True)
+DSA = dict(q_lora_rank=24, index_n_heads=16, index_head_dim=12, index_topk=6)
 FAMILIES = {
     "qwen3_next_hybrid": (dict(layer_types=["linear_attention", "full_attention"], **GATED, **LINEAR,
                                tie_embeddings=False), "Qwen3NextForCausalLM"),
@@ -45,6 +46,10 @@ FAMILIES = {
     "mla_with_q_lora": ({**MLA, "q_lora_rank": 24}, "DeepseekV3ForCausalLM"),
     "mla_without_q_lora": ({**MLA, "tie_embeddings": False}, "DeepseekV3ForCausalLM"),
     "mla_moe_shared_groups_sigmoid": ({**MLA, **MOE}, "DeepseekV3ForCausalLM"),
+    # DeepSeek Sparse Attention, 6 keys chosen of up to 24. 16 index heads: a key scores exactly 0 only where all 16
+    # ReLUs are 0, so no tie sits at a top-k boundary here (at one, transformers' topk may take another tied key).
+    "mla_dsa": ({**MLA, **DSA}, "DeepseekV32ForCausalLM"),
+    "mla_dsa_moe_untied": ({**MLA, **MOE, **DSA, "tie_embeddings": False}, "DeepseekV32ForCausalLM"),
     "gqa_moe": ({**MOE, "qkv_bias": True, "first_k_dense_replace": 0, "norm_topk_prob": False}, "Glm4MoeForCausalLM"),
 }
 ORIGINAL = 8  # RoPE scaling: "trained" on 8 positions, compared on 24

@@ -36,7 +36,9 @@ ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **
          "linear": {**HYBRID, "layer_types": [], "full_attention_interval": 0},
          # A sliding-window layer (5 keys) before a full one; with MLA too.
          "sliding": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5),
-         "sliding_mla": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5, **MLA_TINY)}
+         "sliding_mla": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5, **MLA_TINY),
+         # DeepSeek Sparse Attention: 4 keys chosen of up to 16.
+         "dsa": dict(**MLA_TINY, index_n_heads=4, index_head_dim=8, index_topk=4)}
 assert_close = torch.testing.assert_close
 
 
@@ -111,6 +113,11 @@ def test_config_gives_experts_the_dense_width_between_them():
         (dict(full_attention_interval=-1), "full_attention_interval"),
         (dict(full_attention_interval=0, linear_num_key_heads=3, linear_num_value_heads=4), "linear_num_value_heads"),
         (dict(full_attention_interval=0, linear_conv_kernel_dim=1), "linear_conv_kernel_dim"),
+        (dict(index_n_heads=4), "index_n_heads"),
+        (dict(**{**MLA_TINY, "q_lora_rank": 0}, index_n_heads=4), "q_lora_rank"),
+        (dict(**MLA_TINY, index_n_heads=4, index_head_dim=2), "index_head_dim"),
+        (dict(**MLA_TINY, index_n_heads=4, index_topk=0), "index_topk"),
+        (dict(**MLA_TINY, index_n_heads=4, layer_types=["sliding_attention"] * 2, sliding_window=4), "sliding"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, field):
@@ -302,7 +309,7 @@ def test_padding_rows_output_zeros_and_gradients_stay_finite(impl, arch):
         assert (out[mask == 1] != 0).any()
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear", "sliding", "sliding_mla"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear", "sliding", "sliding_mla", "dsa"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_left_padded_rows_match_unpadded_rows(impl, arch):
     model = make_model(attn_impl=impl, **ARCHS[arch])
@@ -319,7 +326,8 @@ def test_left_padded_rows_match_unpadded_rows(impl, arch):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("chunks", [[4, 1, 1, 1, 1, 1, 1], [6, 4]], ids=["token_by_token", "two_chunks"])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear", "sliding", "sliding_mla"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear", "sliding", "sliding_mla",
+                                  "dsa"])
 def test_cached_logits_match_uncached(impl, chunks, padded, arch):
     # For MLA this is the absorbed path (latent cache) against the naive one (no cache).
     model = lively_model(attn_impl=impl, **ARCHS[arch])
@@ -359,7 +367,7 @@ def greedy_with_uncached_forwards(model, idx, n_tokens, attention_mask=None):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("prompt_len", [5, 20])  # block_size is 16: 20 starts beyond it
-@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe", "sliding_mla"])
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe", "sliding_mla", "dsa"])
 def test_greedy_generate_matches_uncached_forwards_past_block_size(impl, prompt_len, arch):
     model = lively_model(attn_impl=impl, **ARCHS[arch])
     idx = torch.randint(0, 64, (2, prompt_len))
@@ -439,7 +447,8 @@ def test_mla_absorbed_path_matches_naive_path(impl, q_lora_rank):
     assert naive.abs().mean() > 0.1
 
 
-@pytest.mark.parametrize("arch, per_layer", [("gqa", 2 * 2 * 8), ("mla", 16 + 4)])  # 2 kv heads of 8 (k and v)
+# 2 kv heads of 8 (k and v); the latent and the rope key; and DSA's index key
+@pytest.mark.parametrize("arch, per_layer", [("gqa", 2 * 2 * 8), ("mla", 16 + 4), ("dsa", 16 + 4 + 8)])
 def test_kv_cache_holds_bytes_per_token(arch, per_layer):
     model = make_model(dtype=torch.float32, **ARCHS[arch])
     cache = KVCache(model.config, 3, 16)
@@ -549,6 +558,90 @@ def test_a_sliding_layer_caches_only_its_window(arch):
         kept = sum(t.numel() * t.element_size() for t in cache.rolling[0]) / 2
         assert full == KVCache.bytes_per_token(model.config) == KVCache.bytes_per_position(model.config)
         assert kept == KVCache.bytes_per_sequence(model.config) == 4 * KVCache.bytes_per_position(model.config)
+
+
+# ----------------------------------------------------------------------------- DeepSeek Sparse Attention
+
+
+def test_dsa_with_topk_at_least_the_keys_is_dense_mla_exactly():
+    dense = lively_model(**MLA_TINY)
+    indexed = lively_model(**{**ARCHS["dsa"], "index_topk": 16})
+    missing, unexpected = indexed.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and missing and all(".indexer." in name for name in missing)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(indexed(idx)[0], dense(idx)[0])
+    cache = KVCache(indexed.config, 2, 16)  # cached, every key is chosen: the absorbed form over all of them
+    assert_close(torch.cat([indexed(idx[:, :9], kv_cache=cache)[0]] + [indexed(idx[:, t:t + 1], kv_cache=cache)[0]
+                                                                      for t in range(9, 16)], dim=1), dense(idx)[0])
+
+
+def reference_top_k(scores, k):
+    """(B, T, S) float64 -> which keys each query reads (B, 1, T, S): the k best among its causal keys, ties to the
+    later key, by a stable sort of the keys in reverse order."""
+    T, S = scores.shape[-2:]
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    ranked = scores.masked_fill(~causal, float("-inf")).flip(-1).sort(dim=-1, descending=True, stable=True).indices
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, S - 1 - ranked[..., :k], True)
+    return (chosen & causal)[:, None]
+
+
+def test_dsa_attends_to_the_indexers_top_k_only_and_its_kl_is_the_papers():
+    # The layer against float64 dense attention under the explicit mask of the chosen keys, forward and gradients,
+    # and the indexer's loss against KL(mean attention over heads || softmax of the index scores) over those keys.
+    model = lively_model(**ARCHS["dsa"]).train()
+    mla, rope = model.layers[0].attn, model.rope(torch.arange(12)[None].expand(2, -1), torch.float64)
+    x = torch.randn(2, 12, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    y = mla(x, rope, None, None)
+    q_in = mla.q_norm(mla.wq_a(x))
+    scores = mla.indexer(x, q_in, rope, mla.indexer.keys(x, rope))  # (B, T, S)
+    chosen = reference_top_k(scores.detach(), 4)
+    q = mla.wq_b(q_in).view(2, 12, 4, 12).transpose(1, 2)
+    q_nope, q_rope = q.split([8, 4], dim=-1)
+    latent, k_rope = mla.wkv_a(x).split([16, 4], dim=-1)
+    q, k, v = mla.expand_heads(q_nope, apply_rope(q_rope, *rope), mla.kv_norm(latent), apply_rope(k_rope[:, None], *rope))
+    probs = ((q @ k.transpose(-2, -1)) * mla.scale).masked_fill(~chosen, float("-inf")).softmax(dim=-1)
+    expected = mla.wo((probs @ v).transpose(1, 2).reshape(2, 12, -1))
+    assert_close(y, expected, rtol=1e-10, atol=1e-12)
+    params = [x, mla.wq_a.weight, mla.wkv_a.weight, mla.wkv_b.weight, mla.wo.weight]
+    for got, want in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(expected.square().sum(), params)):
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+    p = probs.mean(dim=1).detach()  # (B, T, S), zero off the chosen keys
+    log_q = scores.masked_fill(~chosen[:, 0], float("-inf")).log_softmax(dim=-1)
+    kl = torch.where(chosen[:, 0], p * (p.clamp(min=1e-300).log() - log_q), 0.0).sum(-1).mean()
+    assert_close(mla.indexer_loss, kl, rtol=1e-10, atol=1e-12)
+    assert kl > 1e-3  # an untrained indexer disagrees with attention
+
+
+def test_dsa_indexer_learns_only_from_its_kl_and_the_rest_only_from_the_language_loss():
+    model = lively_model(**ARCHS["dsa"]).train()
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    logits, loss = model(idx[:, :-1], idx[:, 1:])
+    indexer = [p for n, p in model.named_parameters() if ".indexer." in n]
+    rest = [p for n, p in model.named_parameters() if ".indexer." not in n]
+    language = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+    assert_close(loss, language + model.indexer_kl())  # both layers' KL, added to the loss
+    assert all(g is None for g in torch.autograd.grad(language, indexer, retain_graph=True, allow_unused=True))
+    assert all(g is None for g in torch.autograd.grad(model.indexer_kl(), rest, retain_graph=True, allow_unused=True))
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(model.indexer_kl(), indexer))
+
+
+def test_dsa_warmup_attends_densely_and_teaches_the_indexer_the_dense_attention():
+    dense = lively_model(**MLA_TINY)
+    model = lively_model(**ARCHS["dsa"]).train()
+    model.load_state_dict(dense.state_dict(), strict=False)
+    for layer in model.indexed_layers():
+        layer.warmup = True
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(model(idx)[0], dense.train()(idx)[0])
+    mla = model.layers[1].attn
+    before = mla.indexer_loss.item()
+    optimizer = torch.optim.Adam(mla.indexer.parameters(), lr=3e-2)
+    for _ in range(30):
+        model(idx)
+        optimizer.zero_grad()
+        mla.indexer_loss.backward()
+        optimizer.step()
+    assert mla.indexer_loss.item() < 0.5 * before
 
 
 def test_packed_documents_are_refused_with_linear_layers():

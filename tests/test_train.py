@@ -484,3 +484,42 @@ def test_a_teacher_of_another_tokenizer_or_a_changed_one_is_refused(tmp_path, pr
     torch.save(state, teacher / "ckpt.pt")
     result = run([*common, "--max_iters=4", "--init_from=resume"], check=False)
     assert result.returncode == 1 and "is not the teacher this run started with" in result.stderr
+
+
+# ----------------------------------------------------------------------------- DeepSeek Sparse Attention's recipe
+MLA_ARGS = ["--attn=mla", "--q_lora_rank=16", "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=4",
+            "--v_head_dim=8"]
+INDEXERS = ["--index_n_heads=4", "--index_head_dim=8", "--index_topk=8"]
+
+
+def test_dsa_recipe_adds_indexers_to_a_dense_run_warms_them_up_then_trains_sparse(tmp_path, prepared_data):
+    common = [*TINY, *MLA_ARGS, f"--data_dir={prepared_data}", "--eval_interval=30", "--lr_decay_iters=30"]
+    # A base whose attention is far from uniform (lr 1e-2), so there is something for the indexers to learn.
+    run([*common, f"--out_dir={tmp_path}/dense", "--max_iters=60", "--eval_interval=60", "--lr_decay_iters=60",
+         "--learning_rate=1e-2", "--min_lr=1e-3"])
+    # Warm-up: indexers added to the dense run, trained alone (lr 1e-2) by KL to the dense attention.
+    run([*common, *INDEXERS, f"--out_dir={tmp_path}/warm", f"--init_from={tmp_path}/dense", "--dsa_warmup=True",
+         "--max_iters=30", "--learning_rate=1e-2", "--min_lr=1e-3"])
+    dense, warm = weights(tmp_path / "dense"), weights(tmp_path / "warm")
+    assert_same_weights(dense, {k: v for k, v in warm.items() if ".indexer." not in k}, tol=0)  # all else frozen
+    kl = [r["indexer_kl"] for r in records(tmp_path / "warm") if "loss" in r]
+    assert len(kl) == 30 and sum(kl[-5:]) < 0.7 * sum(kl[:5])  # here 0.081 -> 0.038
+    val = [r["val_loss"] for r in records(tmp_path / "warm") if "val_loss" in r]
+    assert val[0] == val[-1]  # attention stayed dense, and dense attention is the base's
+    # Sparse: the whole model trains, choosing 8 of up to 32 keys; the indexers keep learning from their KL.
+    run([*common, f"--out_dir={tmp_path}/sparse", f"--init_from={tmp_path}/warm", "--max_iters=10"])
+    steps = [r for r in records(tmp_path / "sparse") if "loss" in r]
+    assert all(math.isfinite(r["loss"]) and r["indexer_kl"] > 0 for r in steps)
+    sparse = weights(tmp_path / "sparse")
+    assert not torch.equal(sparse["layers.0.attn.wkv_b.weight"], warm["layers.0.attn.wkv_b.weight"])
+    assert not torch.equal(sparse["layers.0.attn.indexer.wk.weight"], warm["layers.0.attn.indexer.wk.weight"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dsa_warmup=True"], "dsa_warmup trains DeepSeek Sparse Attention's indexers"),
+    ([*MLA_ARGS, "--dsa_warmup=True"], "dsa_warmup trains DeepSeek Sparse Attention's indexers"),
+    ([*MLA_ARGS, "--index_n_heads=4", "--q_lora_rank=0"], "set q_lora_rank"),
+])
+def test_dsa_settings_that_cannot_work_are_one_sentence(tmp_path, prepared_data, args, message):
+    result = run([*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", *args], check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
