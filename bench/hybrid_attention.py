@@ -77,22 +77,25 @@ def decode_cost(interval, context, steps=16):
     return seconds * 1000, size
 
 
+def train_cpu_demo(name, extra, data_dir, max_iters):
+    """config/cpu_demo.py with `extra` arguments into out/bench_<name>: (final val bits per byte, wall seconds)."""
+    out = os.path.join(ROOT, "out", f"bench_{name}")
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "config/cpu_demo.py", f"--out_dir={out}",
+            f"--data_dir={data_dir}", "--overwrite=True", *extra]
+    if max_iters:
+        args += [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max_iters}"]
+    t0 = time.time()
+    if subprocess.run(args, cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
+        raise SystemExit(f"{sys.argv[0]}: train.py failed for {name} (its message is above)")
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r for r in records if "val_bpb" in r][-1]["val_bpb"], time.time() - t0
+
+
 def quality(data_dir, max_iters):
     """Validation bits per byte of cpu_demo trained as each mix, and the run's wall time."""
-    rows = []
-    for name, interval in MIXES.items():
-        out = os.path.join(ROOT, "out", "bench_linear", name.replace(" ", "_").replace(":", "to"))
-        args = [sys.executable, os.path.join(ROOT, "train.py"), "config/cpu_demo.py", f"--out_dir={out}", f"--data_dir={data_dir}",
-                f"--full_attention_interval={interval}", "--overwrite=True"]
-        if max_iters:
-            args += [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max_iters}"]
-        t0 = time.time()
-        if subprocess.run(args, cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
-            raise SystemExit(f"bench/hybrid_attention.py: train.py failed for {name} (its message is above)")
-        records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        last = [r for r in records if "val_bpb" in r][-1]
-        rows.append((name, last["val_bpb"], time.time() - t0))
-    return rows
+    return [(name, *train_cpu_demo("linear/" + name.replace(" ", "_").replace(":", "to"),
+                                   [f"--full_attention_interval={interval}"], data_dir, max_iters))
+            for name, interval in MIXES.items()]
 
 
 def main():

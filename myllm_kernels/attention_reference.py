@@ -53,12 +53,15 @@ def _allowed(q_pos, k_pos, causal, window_size, q_doc=None, k_doc=None):
     return allowed
 
 
-def reference_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, sinks=None):
+def reference_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, sinks=None,
+                        mask=None):
     """softmax(q k^T * softmax_scale) v in float64, written out: K and V repeated per query head, an explicit mask.
 
     Arguments as flash_attention's: q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk), v (B, n_kv_head, T, d_v)
     -> (B, n_head, T, d_v) float64; softmax_scale defaults to 1 / sqrt(d_qk). With sinks (n_head,), head h's logit
     joins every row's softmax as one more column, dropped before the product with v. Differentiable (sinks too).
+    mask (B or 1, n_head or 1, T, T) bool: the pairs a block mask keeps, required too (flash_attention's block_mask
+    says the same by its tiles and chosen rows).
     """
     q, k, v = q.double(), k.double(), v.double()
     scale = 1.0 / math.sqrt(q.size(-1)) if softmax_scale is None else softmax_scale
@@ -66,7 +69,8 @@ def reference_attention(q, k, v, causal=True, softmax_scale=None, window_size=No
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # query head h: kv head h // group
     pos = torch.arange(q.size(2), device=q.device)
     scores = q @ k.transpose(-2, -1) * scale  # (B, n_head, T, T)
-    scores = scores.masked_fill(~_allowed(pos, pos, causal, window_size, doc_ids, doc_ids), float("-inf"))
+    allowed = _allowed(pos, pos, causal, window_size, doc_ids, doc_ids)
+    scores = scores.masked_fill(~(allowed if mask is None else allowed & mask), float("-inf"))
     if sinks is None:
         return scores.softmax(dim=-1) @ v
     sink_column = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)

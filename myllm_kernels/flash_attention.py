@@ -54,6 +54,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -184,16 +185,23 @@ def _query_range(start_n, T, window, DOC_START, DOC_END, b, CAUSAL: tl.constexpr
     return _narrow_range(lo, full_lo, full_hi, hi, start_n, last_k, DOC_START, DOC_END, b, T, HAS_DOCS, BLOCK_M)
 
 
+@triton.jit
+def _chosen_rows(chosen_base, offs_m, stride_ct, key_block, T):
+    """Which of the query rows offs_m take key block key_block (a BlockMask's chosen, int8 per row and block)."""
+    return tl.load(chosen_base + offs_m * stride_ct + key_block, mask=offs_m < T, other=0) != 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward: O = softmax(Q K^T * scale) V, and the log-sum-exp of every score row for the backward.
 
 
 @triton.jit
-def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
+def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv, keep,
                   start, end, T, window, DOC_START, b, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    """Fold key blocks start .. end into one query block's running softmax.
+    """Fold key blocks start .. end into one query block's running softmax. keep (BLOCK_M,): the rows that take
+    these keys at all (a block mask's chosen; all rows otherwise), applied with the mask of masked blocks.
 
     Carried per query row: m_i, the largest score so far (base 2); l_i, the sum of exp2(s2 - m_i) over the
     keys so far; acc, the sum of exp2(s2 - m_i) * v over the same keys. acc / l_i is the attention output
@@ -204,8 +212,8 @@ def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m
         k = _load_tile(k_base, offs_n, stride_kt, offs_dqk, T, D_QK)  # (BLOCK_N, BLOCK_DQK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:
-            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, DOC_START, b, CAUSAL, HAS_DOCS), s,
-                         float("-inf"))
+            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, DOC_START, b, CAUSAL, HAS_DOCS)
+                         & keep[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rescale what was accumulated relative to the old maximum; subtracting the maximum keeps every
         # exp2 at most 1, so nothing overflows even in fp16 scores.
@@ -220,16 +228,19 @@ def _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, DOC_START, DOC_END, SINKS,
+def _forward_kernel(Q, K, V, O, LSE, DOC_START, DOC_END, SINKS, KV_BLOCKS, CHOSEN,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                    stride_lb, stride_lh, stride_lq, stride_cb, stride_ch, stride_ct,
                     T, n_head, group, window, qk_scale,
                     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_SINKS: tl.constexpr, HAS_LISTS: tl.constexpr, HAS_CHOSEN: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """One program per (query block, batch * head). DOC_START and DOC_END, (B, T) int32 (None without
     documents): the first position of each position's document and one past its last. SINKS, (n_head,) fp32
-    (None without sinks): each head's sink logit in base 2."""
+    (None without sinks): each head's sink logit in base 2. KV_BLOCKS and CHOSEN: a BlockMask's kv_blocks and
+    chosen (None without one)."""
     # Causal query blocks near the end see the most keys; starting them first shortens the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -250,17 +261,28 @@ def _forward_kernel(Q, K, V, O, LSE, DOC_START, DOC_END, SINKS,
         m_i = tl.full([BLOCK_M], MIN_SCORE, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
-                                          BLOCK_N)
-    acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
-                                  offs_dv, lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
-                                  HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
-                                  offs_dv, full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
-                                  HAS_DOCS, False, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
-                                  offs_dv, full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
-                                  HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
+    keep = offs_m >= 0  # every row
+    if HAS_LISTS:  # block-sparse: the listed key blocks only, each one masked
+        listed = KV_BLOCKS + b * stride_lb + h * stride_lh + (start_m // BLOCK_M) * stride_lq
+        for j in range(tl.load(listed)):
+            start_n = tl.load(listed + 1 + j) * BLOCK_N
+            if HAS_CHOSEN:
+                keep = _chosen_rows(CHOSEN + b * stride_cb + h * stride_ch, offs_m, stride_ct, start_n // BLOCK_N, T)
+            acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
+                                          offs_dv, keep, start_n, start_n + BLOCK_N, T, window, DOC_START, b,
+                                          qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
+    else:
+        lo, full_lo, full_hi, hi = _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
+                                              BLOCK_N)
+        acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
+                                      offs_dv, keep, lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V,
+                                      CAUSAL, HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
+                                      offs_dv, keep, full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V,
+                                      CAUSAL, HAS_DOCS, False, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _forward_loop(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk,
+                                      offs_dv, keep, full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V,
+                                      CAUSAL, HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
     # A row past the sequence end may have seen no key (l_i = 0): it is not stored, the guard only avoids 0 / 0.
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     _store_tile(O + b * stride_ob + h * stride_oh, acc / l_i[:, None], offs_m, stride_ot, offs_dv, T, D_V)
@@ -297,7 +319,7 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, str
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-               offs_dqk, offs_dv, start, end, T, window, DOC_START, b, qk_scale, D_QK: tl.constexpr,
+               offs_dqk, offs_dv, keep, start, end, T, window, DOC_START, b, qk_scale, D_QK: tl.constexpr,
                D_V: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add query blocks start .. end of one query head to a key block's dK and dV.
@@ -314,8 +336,8 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, s
         delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            s_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], T, window, DOC_START, b, CAUSAL, HAS_DOCS),
-                           s_t, float("-inf"))
+            s_t = tl.where(_allowed(offs_m[None, :], offs_n[:, None], T, window, DOC_START, b, CAUSAL, HAS_DOCS)
+                           & keep[None, :], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # P^T, the forward's probabilities, recomputed
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -325,16 +347,18 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, s
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, Q_BLOCKS, CHOSEN,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                  stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                  stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                 stride_lb, stride_lh, stride_lk, stride_cb, stride_ch, stride_ct,
                  T, n_head, n_kv_head, group, window, qk_scale, softmax_scale,
                  D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 HAS_LISTS: tl.constexpr, HAS_CHOSEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (key block, batch * kv head). It loops over the `group` query heads that share this
-    kv head, so the group's sum of dK and dV happens in registers: no atomics, no per-head copies."""
+    kv head, so the group's sum of dK and dV happens in registers: no atomics, no per-head copies. With a block
+    mask, each head visits the query blocks of Q_BLOCKS (the transposed lists) for this key block."""
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     b, kvh = _batch_and_head(bkv, n_kv_head)
@@ -347,27 +371,39 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, full_lo, full_hi, hi = _query_range(start_n, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
                                             BLOCK_N)
+    keep = tl.arange(0, BLOCK_M) >= 0  # every query row
     for g in range(group):
         h = kvh * group + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + (b * n_head + h) * T
         delta_base = DELTA + (b * n_head + h) * T
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                            offs_dqk, offs_dv, lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
-                            HAS_DOCS, True, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                            offs_dqk, offs_dv, full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
-                            HAS_DOCS, False, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                            offs_dqk, offs_dv, full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
-                            HAS_DOCS, True, BLOCK_M, DOT_PRECISION)
+        if HAS_LISTS:
+            listed = Q_BLOCKS + b * stride_lb + h * stride_lh + (start_n // BLOCK_N) * stride_lk
+            for j in range(tl.load(listed)):
+                start_m = tl.load(listed + 1 + j) * BLOCK_M
+                if HAS_CHOSEN:
+                    keep = _chosen_rows(CHOSEN + b * stride_cb + h * stride_ch, start_m + tl.arange(0, BLOCK_M),
+                                        stride_ct, start_n // BLOCK_N, T)
+                dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                    offs_n, offs_dqk, offs_dv, keep, start_m, start_m + BLOCK_M, T, window, DOC_START,
+                                    b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_M, DOT_PRECISION)
+        else:
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
+                                offs_dqk, offs_dv, keep, lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V,
+                                CAUSAL, HAS_DOCS, True, BLOCK_M, DOT_PRECISION)
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
+                                offs_dqk, offs_dv, keep, full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK,
+                                D_V, CAUSAL, HAS_DOCS, False, BLOCK_M, DOT_PRECISION)
+            dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
+                                offs_dqk, offs_dv, keep, full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V,
+                                CAUSAL, HAS_DOCS, True, BLOCK_M, DOT_PRECISION)
     _store_tile(DK + b * stride_dkb + kvh * stride_dkh, dk * softmax_scale, offs_n, stride_dkt, offs_dqk, T, D_QK)
     _store_tile(DV + b * stride_dvb + kvh * stride_dvh, dv, offs_n, stride_dvt, offs_dv, T, D_V)
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
+def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv, keep,
              start, end, T, window, DOC_START, b, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
@@ -378,8 +414,8 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m
         v = _load_tile(v_base, offs_n, stride_vt, offs_dv, T, D_V)  # (BLOCK_N, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, DOC_START, b, CAUSAL, HAS_DOCS), s,
-                         float("-inf"))
+            s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, window, DOC_START, b, CAUSAL, HAS_DOCS)
+                         & keep[:, None], s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -388,14 +424,15 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END, KV_BLOCKS, CHOSEN,
                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                stride_dqb, stride_dqh, stride_dqt,
+               stride_lb, stride_lh, stride_lq, stride_cb, stride_ch, stride_ct,
                T, n_head, group, window, qk_scale, softmax_scale,
                D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               HAS_LISTS: tl.constexpr, HAS_CHOSEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (query block, batch * head), visiting the same key blocks as the forward."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest causal blocks first
     bh = tl.program_id(1)
@@ -410,17 +447,28 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
-                                          BLOCK_N)
-    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-                  lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_N,
-                  DOT_PRECISION)
-    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-                  full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, False, BLOCK_N,
-                  DOT_PRECISION)
-    dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
-                  full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_N,
-                  DOT_PRECISION)
+    keep = offs_m >= 0  # every row
+    if HAS_LISTS:
+        listed = KV_BLOCKS + b * stride_lb + h * stride_lh + (start_m // BLOCK_M) * stride_lq
+        for j in range(tl.load(listed)):
+            start_n = tl.load(listed + 1 + j) * BLOCK_N
+            if HAS_CHOSEN:
+                keep = _chosen_rows(CHOSEN + b * stride_cb + h * stride_ch, offs_m, stride_ct, start_n // BLOCK_N, T)
+            dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv,
+                          keep, start_n, start_n + BLOCK_N, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL,
+                          HAS_DOCS, True, BLOCK_N, DOT_PRECISION)
+    else:
+        lo, full_lo, full_hi, hi = _key_range(start_m, T, window, DOC_START, DOC_END, b, CAUSAL, HAS_DOCS, BLOCK_M,
+                                              BLOCK_N)
+        dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv, keep,
+                      lo, full_lo, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_N,
+                      DOT_PRECISION)
+        dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv, keep,
+                      full_lo, full_hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, False,
+                      BLOCK_N, DOT_PRECISION)
+        dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_dqk, offs_dv, keep,
+                      full_hi, hi, T, window, DOC_START, b, qk_scale, D_QK, D_V, CAUSAL, HAS_DOCS, True, BLOCK_N,
+                      DOT_PRECISION)
     _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * softmax_scale, offs_m, stride_dqt, offs_dqk, T, D_QK)
 
 
@@ -495,9 +543,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_end=None, sinks=None):
+def _list_args(lists, chosen):
+    """The block lists' and chosen's pointers and (batch, head, row) strides, None and zeros where absent."""
+    return (lists, chosen, *(_strides(lists) if lists is not None else (0, 0, 0)),
+            *(_strides(chosen) if chosen is not None else (0, 0, 0)))
+
+
+def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_end=None, sinks=None, mask=None):
     """Launch the forward: returns out (B, n_head, T, d_v) and lse (B, n_head, T) fp32, base 2. doc_start and
-    doc_end: _document_spans's, or None for no documents; sinks: (n_head,) fp32 logits, or None for no sinks."""
+    doc_end: _document_spans's, or None for no documents; sinks: (n_head,) fp32 logits, or None for no sinks; mask: a
+    BlockMask (expanded to B and n_head), or None to visit every key block the causal, window and document masks
+    allow."""
     B, n_head, T, d_qk = q.shape
     n_kv_head, d_v = k.size(1), v.size(3)
     # out is laid out (B, T, n_head, d_v) in memory and returned as a (B, n_head, T, d_v) view: the model's
@@ -506,17 +562,20 @@ def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_
     lse = torch.empty(B, n_head, T, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(T, tiles.block_m), B * n_head)
     sinks2 = None if sinks is None else sinks * LOG2_E  # base 2, as the scores
-    _forward_kernel[grid](q, k, v, out, lse, doc_start, doc_end, sinks2, *_strides(q), *_strides(k), *_strides(v),
-                          *_strides(out), T, n_head, n_head // n_kv_head, window, softmax_scale * LOG2_E,
+    lists, chosen = (None, None) if mask is None else (mask.kv_blocks, mask.chosen)
+    _forward_kernel[grid](q, k, v, out, lse, doc_start, doc_end, sinks2, *_list_args(lists, chosen)[:2],
+                          *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_list_args(lists, chosen)[2:],
+                          T, n_head, n_head // n_kv_head, window, softmax_scale * LOG2_E,
                           D_QK=d_qk, D_V=d_v, BLOCK_DQK=_pad(d_qk), BLOCK_DV=_pad(d_v),
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-                          HAS_DOCS=doc_start is not None, HAS_SINKS=sinks is not None,
-                          DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                          HAS_DOCS=doc_start is not None, HAS_SINKS=sinks is not None, HAS_LISTS=lists is not None,
+                          HAS_CHOSEN=chosen is not None, DOT_PRECISION=_dot_precision(q.dtype),
+                          num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
 def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, dq_tiles, doc_start=None,
-              doc_end=None, sinks=None):
+              doc_end=None, sinks=None, mask=None):
     """Launch the three backward kernels: returns dq, dk, dv, each shaped and laid out like its input, and dsinks
     (n_head,) fp32 (None without sinks)."""
     B, n_head, T, d_qk = q.shape
@@ -524,20 +583,24 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, 
     group = n_head // n_kv_head
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kv_lists, q_lists, chosen = (None, None, None) if mask is None else (mask.kv_blocks, mask.q_blocks, mask.chosen)
     common = dict(D_QK=d_qk, D_V=d_v, BLOCK_DQK=_pad(d_qk), BLOCK_DV=_pad(d_v), CAUSAL=causal,
-                  HAS_DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
+                  HAS_DOCS=doc_start is not None, HAS_LISTS=mask is not None, HAS_CHOSEN=chosen is not None,
+                  DOT_PRECISION=_dot_precision(q.dtype))
     _delta_kernel[(triton.cdiv(T, dq_tiles.block_m), B * n_head)](
         out, do, delta, *_strides(out), *_strides(do), T, n_head, D_V=d_v, BLOCK_DV=_pad(d_v),
         BLOCK_M=dq_tiles.block_m)
     dsinks = None if sinks is None else _sink_grad(sinks, lse, delta)
     _dkdv_kernel[(triton.cdiv(T, dkdv_tiles.block_n), B * n_kv_head)](
-        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), T, n_head, n_kv_head, group, window, softmax_scale * LOG2_E, softmax_scale,
+        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end, *_list_args(q_lists, chosen)[:2], *_strides(q),
+        *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *_list_args(q_lists, chosen)[2:],
+        T, n_head, n_kv_head, group, window, softmax_scale * LOG2_E, softmax_scale,
         BLOCK_M=dkdv_tiles.block_m, BLOCK_N=dkdv_tiles.block_n, num_warps=dkdv_tiles.num_warps,
         num_stages=dkdv_tiles.num_stages, **common)
     _dq_kernel[(triton.cdiv(T, dq_tiles.block_m), B * n_head)](
-        q, k, v, do, lse, delta, dq, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), T, n_head, group, window, softmax_scale * LOG2_E, softmax_scale,
+        q, k, v, do, lse, delta, dq, doc_start, doc_end, *_list_args(kv_lists, chosen)[:2], *_strides(q),
+        *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_list_args(kv_lists, chosen)[2:],
+        T, n_head, group, window, softmax_scale * LOG2_E, softmax_scale,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
         num_stages=dq_tiles.num_stages, **common)
     return dq, dk, dv, dsinks
@@ -557,23 +620,64 @@ def _sink_grad(sinks, lse, delta):
     return -(p_sink * delta).sum(dim=(0, 2))
 
 
+class BlockMask(NamedTuple):
+    """Which tiles the kernels visit, as FlexAttention's block masks say it (Dong et al. 2024): the sequence cut
+    into blocks of `block` positions, and for each query block the list of key blocks to visit, every other tile
+    skipped unread. Each list is a row of kv_blocks, (B or 1, n_head or 1, query blocks, 1 + key blocks) int32: its
+    length, then the key blocks in increasing order. The dK/dV kernel walks the other way, one key block per program,
+    so it reads the transposed lists, q_blocks (B or 1, n_head or 1, key blocks, 1 + query blocks). Within a
+    visited tile the causal, window and document masks still apply, and chosen (B or 1, n_head or 1, T, key blocks)
+    int8, or None, can say per query row which listed key blocks it takes (MoBA's per-token choice)."""
+    block: int
+    kv_blocks: torch.Tensor
+    q_blocks: torch.Tensor
+    chosen: torch.Tensor | None = None
+
+
+def block_mask(visit: torch.Tensor, block: int, chosen: torch.Tensor | None = None) -> BlockMask:
+    """The BlockMask of visit (B or 1, n_head or 1, query blocks, key blocks) bool, the tiles to visit."""
+    def lists(tiles):
+        # A stable sort puts the visited blocks (False in ~tiles) first, in increasing order.
+        order = (~tiles).to(torch.int8).argsort(dim=-1, stable=True)
+        return torch.cat((tiles.sum(dim=-1, keepdim=True), order), dim=-1).to(torch.int32).contiguous()
+
+    return BlockMask(block, lists(visit), lists(visit.transpose(-2, -1)),
+                     None if chosen is None else chosen.to(torch.int8).contiguous())
+
+
+def block_mask_of(allowed: torch.Tensor, block: int) -> BlockMask:
+    """The BlockMask that visits each tile holding an allowed pair of allowed (B or 1, n_head or 1, T, T) bool (a
+    causal, sliding-window or document mask, say), as FlexAttention's create_block_mask finds its tiles; tiles
+    with no allowed pair are never read."""
+    T, n = allowed.size(-1), triton.cdiv(allowed.size(-1), block)
+    padded = F.pad(allowed, (0, n * block - T, 0, n * block - T))
+    return block_mask(padded.view(*allowed.shape[:2], n, block, n, block).any(dim=5).any(dim=3), block)
+
+
+def mask_tiles(block: int, tiles: Tiles) -> Tiles:
+    """The launch of every kernel under a block mask: block by block tiles, the GPU settings of the forward's."""
+    return Tiles(block, block, tiles.num_warps, min(tiles.num_stages, 2))
+
+
 class FlashAttention(torch.autograd.Function):
     """Saves q, k, v, the output and the log-sum-exp (O(T) per head), never the (T, T) probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, window, doc_start, doc_end, sinks):
+    def forward(ctx, q, k, v, causal, softmax_scale, window, doc_start, doc_end, sinks, mask):
         fwd_tiles, ctx.dkdv_tiles, ctx.dq_tiles = launch_tiles(q.size(3), v.size(3), q.dtype, q.device)
-        out, lse = _forward(q, k, v, causal, softmax_scale, window, fwd_tiles, doc_start, doc_end, sinks)
+        if mask is not None:  # every kernel steps by the block mask's blocks, queries and keys alike
+            fwd_tiles = ctx.dkdv_tiles = ctx.dq_tiles = mask_tiles(mask.block, fwd_tiles)
+        out, lse = _forward(q, k, v, causal, softmax_scale, window, fwd_tiles, doc_start, doc_end, sinks, mask)
         ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end, sinks)
-        ctx.causal, ctx.softmax_scale, ctx.window = causal, softmax_scale, window
+        ctx.causal, ctx.softmax_scale, ctx.window, ctx.mask = causal, softmax_scale, window, mask
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, doc_start, doc_end, sinks = ctx.saved_tensors
         dq, dk, dv, dsinks = _backward(_unit_last_stride(dout), q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                                       ctx.window, ctx.dkdv_tiles, ctx.dq_tiles, doc_start, doc_end, sinks)
-        return dq, dk, dv, None, None, None, None, None, dsinks
+                                       ctx.window, ctx.dkdv_tiles, ctx.dq_tiles, doc_start, doc_end, sinks, ctx.mask)
+        return dq, dk, dv, None, None, None, None, None, dsinks, None
 
 
 def _document_spans(doc_ids):
@@ -584,7 +688,8 @@ def _document_spans(doc_ids):
             torch.searchsorted(doc_ids, doc_ids, right=True, out_int32=True))
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, sinks=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, sinks=None,
+                    block_mask=None):
     """softmax(q k^T * softmax_scale + mask) v, differentiable, for one sequence length T of queries and keys.
 
     q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk), v (B, n_kv_head, T, d_v) -> (B, n_head, T, d_v), with
@@ -594,7 +699,9 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     along T: each position's document among those packed one after another in its row (padding at the end can
     be a document of its own); a query then sees only keys of its own document. sinks (n_head,), finite, float32 or
     q's dtype, differentiable: each head's sink logit, one more term exp(sinks[h]) in every row's softmax
-    denominator with no value (gpt-oss), so a row's weights on its keys sum to less than one. There is no other
+    denominator with no value (gpt-oss), so a row's weights on its keys sum to less than one. block_mask: a
+    BlockMask (block_mask(), block_mask_of()) of blocks of 16 or more positions, a power of two: only its listed
+    tiles are visited, the pairs outside them are masked, and the masks above apply inside them. There is no other
     padding mask and no offset between query and key positions (a KV cache): callers with those use another
     attention.
     """
@@ -630,6 +737,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
                               or sinks.device != q.device):
         raise ValueError(f"sinks must be a float32 or {q.dtype} tensor of shape (n_head,) = ({n_head},) on {q.device}, "
                          f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
+    if block_mask is not None:
+        block_mask = _expand_block_mask(block_mask, B, n_head, T, q.device)
     if not q.is_cuda and not INTERPRETED:
         raise RuntimeError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before importing myllm_kernels")
     softmax_scale = 1.0 / math.sqrt(d_qk) if softmax_scale is None else float(softmax_scale)
@@ -639,4 +748,21 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     doc_start, doc_end = (None, None) if doc_ids is None else _document_spans(doc_ids)
     # The kernels read fp32 logits; autograd casts their gradient back to sinks' own dtype.
     sinks = None if sinks is None else sinks.float()
-    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, window, doc_start, doc_end, sinks)
+    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, window, doc_start, doc_end, sinks, block_mask)
+
+
+def _expand_block_mask(mask, B, n_head, T, device):
+    """mask checked against the call's shapes, its batch and head dims expanded (stride 0) to B and n_head."""
+    if not isinstance(mask, BlockMask) or mask.block < 16 or mask.block & (mask.block - 1):
+        raise ValueError("block_mask must be a BlockMask whose block is a power of two, at least 16")
+    n = triton.cdiv(T, mask.block)
+    shapes = [(mask.kv_blocks, (n, n + 1), torch.int32), (mask.q_blocks, (n, n + 1), torch.int32)]
+    if mask.chosen is not None:
+        shapes.append((mask.chosen, (T, n), torch.int8))
+    for t, rows, dtype in shapes:
+        if t.dim() != 4 or t.shape[2:] != rows or t.size(0) not in (1, B) or t.size(1) not in (1, n_head) \
+                or t.dtype != dtype or t.device != device:
+            raise ValueError(f"block_mask's tensors must be (1 or {B}, 1 or {n_head}, ...) of the blocks of {T} "
+                             f"positions in blocks of {mask.block}, on {device}: got {t.dtype} {tuple(t.shape)}")
+    return BlockMask(mask.block, *(None if t is None else t.expand(B, n_head, *t.shape[2:])
+                                   for t in (mask.kv_blocks, mask.q_blocks, mask.chosen)))

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from myllm_kernels import flash_attention  # TRITON_INTERPRET is set by conftest.py when there is no GPU
-from myllm_kernels.attention_reference import reference_attention, tiled_attention
-from myllm_kernels.flash_attention import _document_spans, _forward, launch_tiles
+from myllm_kernels.attention_reference import _allowed, reference_attention, tiled_attention
+from myllm_kernels.flash_attention import _document_spans, _forward, block_mask, block_mask_of, launch_tiles
 from test_attention_reference import packed_doc_ids, random_sinks, with_docs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -221,3 +221,77 @@ def test_rejects_unsupported_arguments_with_a_clear_error(shapes, kwargs, messag
     q, k, v = (torch.zeros(shape, device=DEVICE) for shape in shapes)
     with pytest.raises(ValueError, match=message):
         flash_attention(q, k, v, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------- block masks
+
+
+def kernel_and_reference(q, k, v, dtype, mask=None, **kwargs):
+    """flash_attention's output and gradients under kwargs, and reference_attention's in float64 under the same
+    causal, window, documents and sinks, and `mask`, the pairs a block_mask in kwargs keeps: [(name, ours, exact)]."""
+    out = flash_attention(q, k, v, **kwargs)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=DEVICE, dtype=dtype)
+    out.backward(dout)
+    sinks = kwargs.get("sinks")
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    sinks64 = None if sinks is None else sinks.detach().double().requires_grad_()
+    expected = reference_attention(q64, k64, v64, kwargs.get("causal", True), None, kwargs.get("window_size"),
+                                   kwargs.get("doc_ids"), sinks64, mask)
+    expected.backward(dout.double())
+    pairs = [("out", out, expected), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)]
+    return pairs + ([("dsinks", sinks.grad, sinks64.grad)] if sinks is not None else [])
+
+
+@pytest.mark.parametrize("window_size, doc_lengths, block", [(20, None, 16), (None, [[5, 40, 25], [70]], 32),
+                                                            (9, [[30, 3, 37], [1, 1, 68]], 16)])
+def test_a_block_mask_of_a_window_or_documents_computes_what_the_ranges_compute(window_size, doc_lengths, block):
+    # The lists of the tiles a sliding window or packed documents touch (FlexAttention's create_block_mask): the
+    # same attention as the kernel's own block ranges, to float32 rounding, and as the float64 reference.
+    q, k, v = random_qkv(2, 4, 2, 70, 16, 16, torch.float32, "bthd")
+    doc_ids = None if doc_lengths is None else packed_doc_ids(doc_lengths).to(DEVICE)
+    pos = torch.arange(70, device=DEVICE)
+    allowed = _allowed(pos, pos, True, window_size, doc_ids, doc_ids)
+    mask = block_mask_of(allowed.expand(2, 1, 70, 70), block)
+    visited, tiles = mask.kv_blocks[..., 0].sum().item(), 2 * mask.kv_blocks.size(2) ** 2
+    assert visited < tiles * 0.7  # the tiles skipped are most of them
+    ranges = [(name, out.detach().clone()) for name, out, _ in kernel_and_reference(
+        q, k, v, torch.float32, causal=True, window_size=window_size, doc_ids=doc_ids)]
+    q.grad = k.grad = v.grad = None
+    listed = kernel_and_reference(q, k, v, torch.float32, causal=True, window_size=window_size, doc_ids=doc_ids,
+                                  block_mask=mask)
+    for (name, by_ranges), (_, by_lists, exact) in zip(ranges, listed):
+        assert_close_to(by_lists, exact, torch.float32, name)
+        torch.testing.assert_close(by_lists, by_ranges, rtol=0, atol=1e-5)  # other tiles, other rounding
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_block_lists_and_chosen_rows_compute_attention_under_their_explicit_mask(with_sinks):
+    # Per head: random tiles to visit, and within them random key blocks per query row (MoBA's per-token choice);
+    # the diagonal always, so every row sees itself. GQA, so the dK/dV kernel sums two heads' different lists.
+    B, H, T, block = 2, 4, 53, 16
+    n = -(-T // block)
+    g = torch.Generator().manual_seed(7)
+    visit = (torch.rand(B, H, n, n, generator=g) < 0.5) | torch.eye(n, dtype=torch.bool)
+    rows = torch.arange(T) // block
+    chosen = (torch.rand(B, H, T, n, generator=g) < 0.6) & visit[:, :, rows]
+    chosen[:, :, torch.arange(T), rows] = True
+    mask = block_mask(visit.to(DEVICE), block, chosen.to(DEVICE))
+    explicit = chosen[:, :, :, rows].to(DEVICE)  # (B, H, T, T): query i takes key j's block
+    q, k, v = random_qkv(B, H, 2, T, 16, 24, torch.float32, "bhtd")
+    sinks = random_sinks(H, torch.float32).to(DEVICE).requires_grad_() if with_sinks else None
+    results = kernel_and_reference(q, k, v, torch.float32, causal=True, block_mask=mask, mask=explicit, sinks=sinks)
+    for name, ours, exact in results:
+        assert_close_to(ours, exact, torch.float32, name)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: block_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), 24), "power of two"),
+    (lambda: block_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool), 16), "blocks of 40 positions"),
+    (lambda: block_mask(torch.ones(3, 1, 3, 3, dtype=torch.bool), 16), "1 or 2"),
+])
+def test_a_block_mask_that_does_not_fit_is_refused_with_a_sentence(make, message):
+    q, k, v = random_qkv(2, 2, 2, 40, 16, 16, torch.float32, "bhtd")
+    mask = make()
+    mask = mask._replace(kv_blocks=mask.kv_blocks.to(DEVICE), q_blocks=mask.q_blocks.to(DEVICE))
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, block_mask=mask)

@@ -107,7 +107,9 @@ def test_the_cache_continues_a_sequence_exactly_and_padding_changes_nothing():
             parts.append(y)
         torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-5)
         torch.testing.assert_close(state[1], S, rtol=0, atol=1e-5)
-        torch.testing.assert_close(state[0], conv, rtol=0, atol=0)
+        # The conv state is the last inputs' projections: the same numbers, computed in matmuls of 21 rows and of
+        # 13 + 1 rows, which some BLAS kernels round alike and others not (2.4e-7 apart on an AMD EPYC).
+        torch.testing.assert_close(state[0], conv, rtol=0, atol=1e-6)
         # Three tokens of left padding (their inputs arbitrary) give the real tokens the same outputs and state.
         padded = torch.cat((torch.randn(2, 3, 24), x), dim=1)
         mask = torch.cat((torch.zeros(2, 3, dtype=torch.bool), real), dim=1)

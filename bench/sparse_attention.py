@@ -1,0 +1,131 @@
+"""
+bench/sparse_attention.py: what sliding windows with sinks and DeepSeek Sparse Attention cost and buy against dense
+attention, side by side on this CPU.
+
+    python bench/sparse_attention.py                  # cost tables (a few minutes on 2 cores)
+    python bench/sparse_attention.py --quality        # and cpu_demo trained four ways (about 45 more minutes)
+
+Cost: forward + backward of one attention layer of cpu_demo's width (256, 4 heads) at batch 1, T = 2048 and 8192:
+GQA dense through PyTorch's SDPA, GQA with a window of 256 keys (SDPA under the band mask; with sinks, eager), MLA
+dense (naive form, SDPA) and MLA with DSA choosing 256 keys (4 index heads of 32; the absorbed form over the chosen
+latents, plus the indexer's scores and KL). Then decoding at cpu_demo's shape (4 layers) with 2048 and 8192 tokens
+cached: tokens per second for GQA, 3 windowed + sinks : 1 full (gpt-oss's alternation), MLA and MLA + DSA.
+Quality (--quality): config/cpu_demo.py (block 256) as it is, as 3 windowed (64 keys) + sinks : 1 full, as MLA, and
+as MLA + DSA (64 keys of up to 256, trained sparse from the start), same steps and data, val bits per byte.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hybrid_attention import WIDTH, best_of, train_cpu_demo  # noqa: E402
+from model import MLA, Attention, KVCache, ModelConfig, Transformer  # noqa: E402
+
+MLA_SHAPE = dict(attn="mla", q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
+                 v_head_dim=64)
+DSA = dict(**MLA_SHAPE, index_n_heads=4, index_head_dim=32)
+WINDOWED = dict(layer_types=["sliding_attention"] * 3 + ["full_attention"], attention_sinks=True)
+LAYERS = {  # one layer: (its model keys, its window)
+    "GQA, dense (sdpa)": ({}, None),
+    "GQA, window 256 (sdpa, band mask)": ({}, 256),
+    "GQA, window 256 + sinks (eager)": (dict(attention_sinks=True), 256),
+    "MLA, dense (sdpa)": (MLA_SHAPE, None),
+    "MLA + DSA, 256 keys": ({**DSA, "index_topk": 256}, None),
+}
+MODELS = {  # decoding at cpu_demo's shape
+    "GQA, dense": {},
+    "3 windowed (256) + sinks : 1 full": {**WINDOWED, "sliding_window": 256},
+    "MLA, dense": MLA_SHAPE,
+    "MLA + DSA, 256 keys": {**DSA, "index_topk": 256},
+}
+RUNS = {  # quality, at cpu_demo's block of 256
+    "GQA, dense (cpu_demo)": [],
+    "3 windowed (64) + sinks : 1 full": ["--layer_types=" + str(WINDOWED["layer_types"]),
+                                        "--sliding_window=64", "--attention_sinks=True"],
+    "MLA, dense": [f"--{k}={v}" for k, v in MLA_SHAPE.items()],
+    "MLA + DSA, 64 keys": [f"--{k}={v}" for k, v in {**DSA, "index_topk": 64}.items()],
+}
+
+
+def layer_cost(overrides, window, T):
+    """Seconds of forward + backward of one attention layer in training mode (DSA: its indexer's KL included)."""
+    config = ModelConfig(**{**WIDTH, "n_layer": 1}, **overrides, block_size=T, attn_impl="sdpa")
+    torch.manual_seed(0)
+    layer = (MLA if config.attn == "mla" else Attention)(config, 0, window).train()
+    x = torch.randn(1, T, WIDTH["n_embd"], requires_grad=True)
+    rope = Transformer(config).rope(torch.arange(T)[None], x.dtype)
+
+    def step():
+        loss = layer(x, rope, None, None).sum()
+        if config.index_n_heads:
+            loss = loss + layer.indexer_loss
+        loss.backward()
+
+    return best_of(step, repeats=2)
+
+
+@torch.inference_mode()
+def decode_rate(overrides, context, steps=16):
+    """Tokens per second decoding one sequence with `context` tokens cached."""
+    torch.manual_seed(0)
+    config = ModelConfig(**WIDTH, **overrides, block_size=context + steps, attn_impl="sdpa")
+    model = Transformer(config).eval()
+    cache = KVCache(config, 1, config.block_size)
+    model(torch.randint(0, 6400, (1, context)), kv_cache=cache)
+    token = torch.randint(0, 6400, (1, 1))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(token, kv_cache=cache)
+    return steps / (time.perf_counter() - t0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quality", action="store_true", help="also train cpu_demo four ways (about 45 minutes)")
+    parser.add_argument("--max_iters", type=int, default=0, help="--quality: steps per run (0: cpu_demo's 350)")
+    parser.add_argument("--data_dir", default="data/pystdlib", help="--quality: prepare_data.py's default corpus")
+    parser.add_argument("--skip_cost", action="store_true", help="--quality only")
+    args = parser.parse_args()
+    if args.quality and not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
+        raise SystemExit(f"--data_dir {args.data_dir} holds no prepared data: run python prepare_data.py first")
+    torch.set_num_threads(os.cpu_count())
+
+    if not args.skip_cost:
+        lengths = (2048, 8192)
+        print("\nOne attention layer, forward + backward, batch 1, width 256, 4 heads (fp32)\n")
+        print("| layer | " + " | ".join(f"T = {T:,}" for T in lengths) + " | " +
+              " | ".join(f"/ dense at {T:,}" for T in lengths) + " |")
+        print("|---|" + "---:|" * 2 * len(lengths))
+        dense = {}
+        for name, (overrides, window) in LAYERS.items():
+            seconds = [layer_cost(overrides, window, T) for T in lengths]
+            reference = dense.setdefault(overrides.get("attn", "gqa"), seconds)  # the first row of its attention
+            print(f"| {name} | " + " | ".join(f"{s * 1000:,.0f} ms" for s in seconds) + " | " +
+                  " | ".join(f"{s / r:.2f}" for s, r in zip(seconds, reference)) + " |")
+
+        contexts = (2048, 8192)
+        print("\nDecoding at cpu_demo's shape (4 layers), batch 1, tokens per second with the context cached\n")
+        print("| model | " + " | ".join(f"{n:,} cached" for n in contexts) + " | cache at 8,192 |")
+        print("|---|" + "---:|" * (len(contexts) + 1))
+        for name, overrides in MODELS.items():
+            config = ModelConfig(**WIDTH, **overrides, block_size=8192 + 16)
+            size = KVCache.bytes_per_token(config) * 8192 + KVCache.bytes_per_sequence(config)
+            print(f"| {name} | " + " | ".join(f"{decode_rate(overrides, n):.0f}" for n in contexts) +
+                  f" | {size / 2**20:.2f} MiB |")
+
+    if args.quality:
+        print("\nconfig/cpu_demo.py, same steps and data, four attention patterns\n")
+        print("| attention | val bits per byte | wall time |")
+        print("|---|---:|---:|")
+        for name, extra in RUNS.items():
+            slug = "sparse/" + "".join(ch if ch.isalnum() else "_" for ch in name)
+            bpb, seconds = train_cpu_demo(slug, extra, args.data_dir, args.max_iters)
+            print(f"| {name} | {bpb:.3f} | {seconds / 60:.1f} min |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
