@@ -114,6 +114,8 @@ def hf_architecture(config: ModelConfig) -> str:
     if "sliding_attention" in config.layer_types or config.attention_sinks:
         raise ValueError("sliding-window layers and attention sinks: Mistral, Gemma 2 and gpt-oss compute them, each "
                          "with other parts of its own, and no exporter is written for them yet")
+    if config.moba_chunk_size:
+        raise ValueError("MoBA's block attention: no transformers class computes it")
     if "linear_attention" in config.layer_types or config.qk_norm or config.attn_output_gate:
         return qwen3_next_architecture(config)
     if config.n_routed_experts and config.scoring_func != "sigmoid":

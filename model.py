@@ -109,6 +109,11 @@ class ModelConfig:
     linear_value_head_dim: int = 0  # 0 = head_dim
     linear_conv_kernel_dim: int = 4  # the short causal convolution over q, k, v: this many tokens
     linear_chunk_size: int = 64  # tokens per chunk of the chunked (training) form; the result does not depend on it
+    # MoBA (Lu et al. 2025, "MoBA: Mixture of Block Attention for Long-Context LLMs"), with the names of its code, on
+    # GQA's full-attention layers: the keys are cut into blocks of moba_chunk_size positions, and each query attends
+    # to its own block (causally) and to the moba_topk - 1 earlier blocks whose mean key it scores highest. 0: off.
+    moba_chunk_size: int = 0
+    moba_topk: int = 3
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -145,6 +150,8 @@ class ModelConfig:
             raise ValueError(f"attn must be 'gqa' or 'mla', got {self.attn!r}")
         if self.index_n_heads and self.attn != "mla":
             raise ValueError("index_n_heads (DeepSeek Sparse Attention) is for attn='mla'")
+        if self.moba_chunk_size and (self.attn != "gqa" or self.moba_chunk_size < 1 or self.moba_topk < 1):
+            raise ValueError("moba_chunk_size (MoBA) is for attn='gqa', with moba_chunk_size and moba_topk >= 1")
         if self.rope_dim % 2:
             raise ValueError(f"head_dim (the RoPE dims of a head) must be even for RoPE's pairs, got {self.rope_dim}")
         self._check_rope_scaling()
@@ -460,6 +467,55 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None, sinks
     return y.masked_fill(~has_key, 0.0)  # queries without a real key output zeros (see make_attention_mask)
 
 
+def moba_key_blocks(key_is_real, chunk):
+    """Each key's MoBA block (B, S): its position (real keys before it) // chunk, so left padding does not move a
+    row's blocks; -1 for padding, which no block holds."""
+    positions = key_is_real.long().cumsum(dim=1) - 1
+    return torch.where(key_is_real, positions // chunk, -1)
+
+
+@torch.no_grad()  # the choice passes no gradient (as DSA's): the attention over the chosen blocks does
+def moba_choice(q, k, blocks, topk):
+    """MoBA's router: which blocks each query attends to, (B, n_head, T, n_blocks) bool. The gate of block c for
+    query q is q . mean(keys of c) (the block's mean-pooled key); a query takes its own block and the topk - 1
+    earlier blocks of highest gate, never a later one. q (B, n_head, T, d), k (B, n_kv_head, S, d); blocks: the keys'
+    (B, S) and the queries' (B, T), Transformer.forward's moba_blocks."""
+    key_blocks, query_blocks = blocks
+    n = max(int(key_blocks.max()), int(query_blocks.max())) + 1
+    members = F.one_hot(key_blocks.clamp(min=0), n).to(k.dtype) * (key_blocks >= 0)[..., None]  # (B, S, n_blocks)
+    mean_keys = torch.einsum("bsn,bhsd->bhnd", members, k) / members.sum(dim=1).clamp(min=1)[:, None, :, None]
+    gate = q @ mean_keys.repeat_interleave(q.size(1) // k.size(1), dim=1).transpose(-2, -1)  # (B, n_head, T, n)
+    own = query_blocks[:, :, None]  # (B, T, 1)
+    blocks = torch.arange(n, device=q.device)
+    earlier = (blocks < own)[:, None]  # (B, 1, T, n)
+    chosen = blocks == own[:, None]  # its own block
+    if topk > 1:
+        best = gate.masked_fill(~earlier, float("-inf")).topk(min(topk - 1, n), dim=-1).indices
+        chosen = chosen | (torch.zeros_like(gate, dtype=torch.bool).scatter(-1, best, True) & earlier)
+    return chosen
+
+
+def moba_attention(q, k, v, mask, blocks, chunk, topk, impl, dropout_p, sinks):
+    """Attention over MoBA's chosen blocks: the flash kernel walks only their tiles (a BlockMask, when the blocks
+    are the kernel's: training, a power-of-two chunk of 16 or more); elsewhere the choice is a mask on every key."""
+    chosen = moba_choice(q, k, blocks, topk)  # (B, n_head, T, n_blocks)
+    T, S = q.size(2), k.size(2)
+    if impl == "flash" and mask is None and T == S and dropout_p == 0.0 and chunk >= 16 and not chunk & (chunk - 1):
+        from myllm_kernels import flash_attention
+        from myllm_kernels.flash_attention import block_mask
+
+        n = chosen.size(-1)
+        visit = F.pad(chosen, (0, 0, 0, n * chunk - T)).view(*chosen.shape[:2], n, chunk, n).any(dim=3)
+        return flash_attention(q, k, v, causal=True, sinks=sinks, block_mask=block_mask(visit, chunk, chosen))
+    if mask is None:
+        mask = make_attention_mask(torch.ones(q.size(0), S, dtype=torch.bool, device=q.device), T)
+    takes = chosen.gather(-1, blocks[0].clamp(min=0)[:, None, None, :].expand(*chosen.shape[:3], S))  # (B, H, T, S)
+    # A real query keeps its own block, itself in it, so has_key stays as it was; a padding query (no block) keeps
+    # make_attention_mask's every key, for a finite softmax.
+    allowed = mask[0] & (takes | ~mask[1])
+    return attention(q, k, v, (allowed, mask[1]), "eager" if impl == "eager" else "sdpa", dropout_p, sinks=sinks)
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention with grouped-query key/value heads and RoPE."""
 
@@ -479,8 +535,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.wg = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False) if config.attn_output_gate else None
         self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.attention_sinks else None
+        self.moba = (config.moba_chunk_size, config.moba_topk) if config.moba_chunk_size and window is None else None
 
-    def forward(self, x, rope, mask, kv_cache):
+    def forward(self, x, rope, mask, kv_cache, moba_blocks=None):
+        """moba_blocks: with MoBA, each key's block (B, S), -1 for padding, and each query's (B, T)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
@@ -490,8 +548,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)  # (B, n_kv_head, S, hd): cached keys, then the new ones
-        y = attention(q, k, v, mask, self.attn_impl, self.dropout if self.training else 0.0, window=self.window,
-                      sinks=self.sinks)
+        dropout = self.dropout if self.training else 0.0
+        if self.moba is not None:
+            y = moba_attention(q, k, v, mask, moba_blocks, *self.moba, self.attn_impl, dropout, self.sinks)
+        else:
+            y = attention(q, k, v, mask, self.attn_impl, dropout, window=self.window, sinks=self.sinks)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * hd)
         if self.wg is not None:
             y = y * torch.sigmoid(self.wg(x))
@@ -861,9 +922,13 @@ class Block(nn.Module):
         self.ffn = MoE(config) if moe else MLP(config.n_embd, config.inter_dim)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, kv_cache, is_real):
+    def forward(self, x, rope, mask, kv_cache, is_real, moba_blocks=None):
         h = self.attn_norm(x)
-        h = self.attn(h, is_real, kv_cache) if self.linear else self.attn(h, rope, mask, kv_cache)
+        if self.linear:
+            h = self.attn(h, is_real, kv_cache)
+        else:
+            h = self.attn(h, rope, mask, kv_cache) if moba_blocks is None else self.attn(h, rope, mask, kv_cache,
+                                                                                       moba_blocks)
         x = x + self.resid_dropout(h)
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
@@ -1091,6 +1156,9 @@ class Transformer(nn.Module):
             if "linear_attention" in self.config.layer_types:
                 raise ValueError("packed documents (fine-tuning data) with linear-attention layers: the state would "
                                  "carry one conversation into the next, and a per-document reset is not written yet")
+            if self.config.moba_chunk_size:
+                raise ValueError("packed documents (fine-tuning data) with MoBA: a block of keys would mix "
+                                 "conversations, and its mean key route another conversation's queries")
             return self.forward_packed(idx, targets, doc_ids)
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -1110,7 +1178,9 @@ class Transformer(nn.Module):
         mask = make_attention_mask(key_is_real, T) if padded or 1 < T < start + T else None
         # With a cache, sliding layers attend over their kept keys and the new ones (KVCache.update).
         window_mask = make_attention_mask(kv_cache.window_keys_real, T) if kv_cache is not None and kv_cache.keep else None
-        return self.logits_and_loss(idx, targets, positions, mask, kv_cache, is_real, window_mask)
+        chunk = self.config.moba_chunk_size  # MoBA's blocks, by position (a row's blocks do not move with its padding)
+        moba_blocks = (moba_key_blocks(key_is_real, chunk), positions // chunk) if chunk else None
+        return self.logits_and_loss(idx, targets, positions, mask, kv_cache, is_real, window_mask, moba_blocks)
 
     def forward_packed(self, idx, targets, doc_ids):
         T = idx.size(1)
@@ -1129,11 +1199,12 @@ class Transformer(nn.Module):
         nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return logits, nats / (targets != -100).sum().clamp(min=1) + self.auxiliary_loss()
 
-    def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real, window_mask):
+    def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real, window_mask, moba_blocks=None):
         x = self.wte(idx)  # (B, T, n_embd)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:
-            x = block(x, rope, window_mask if block.windowed and window_mask is not None else mask, kv_cache, is_real)
+            x = block(x, rope, window_mask if block.windowed and window_mask is not None else mask, kv_cache, is_real,
+                      moba_blocks)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:

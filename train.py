@@ -709,6 +709,10 @@ def model_config_of(c: dict, data: TokenData) -> ModelConfig:
         raise SystemExit(f"{c['data_dir']} holds conversations, packed several to a window, and linear-attention "
                          "layers would carry one conversation's state into the next (a per-document reset is not "
                          "written yet): fine-tune a model without them")
+    if data.packs is not None and config.moba_chunk_size:
+        raise SystemExit(f"{c['data_dir']} holds conversations, packed several to a window, and MoBA's blocks of keys "
+                         "would mix them (a block's mean key would route another conversation's queries): fine-tune "
+                         "a model without MoBA")
     return config
 
 

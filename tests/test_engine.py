@@ -54,8 +54,9 @@ SLIDING = dict(layer_types=["sliding_attention", "full_attention"], sliding_wind
 
 @pytest.mark.parametrize("arch", [{}, MLA_TINY, HYBRID, {**HYBRID, "layer_types": ["linear_attention"] * 2}, SLIDING,
                                   {**SLIDING, **MLA_TINY, "layer_types": ["sliding_attention"] * 2},
-                                  {**MLA_TINY, "index_n_heads": 4, "index_head_dim": 8, "index_topk": 4}],
-                         ids=["gqa", "mla", "hybrid", "linear", "sliding", "sliding_mla", "dsa"])
+                                  {**MLA_TINY, "index_n_heads": 4, "index_head_dim": 8, "index_topk": 4},
+                                  {"moba_chunk_size": 4, "moba_topk": 2}],
+                         ids=["gqa", "mla", "hybrid", "linear", "sliding", "sliding_mla", "dsa", "moba"])
 def test_each_step_equals_a_full_forward_of_the_sequence(tokenizer, monkeypatch, arch):
     model = tiny_model(tokenizer.vocab_size, **arch).double()
     seen = []  # (choice, tokens so far, the logits it picked from)

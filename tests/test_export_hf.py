@@ -247,8 +247,9 @@ def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
     (dict(**GATED, **MOE), "softmax router"),
     (dict(**GATED, qkv_bias=True), "no biases"),
     (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4), "sliding-window layers"),
+    (dict(moba_chunk_size=4), "MoBA"),
 ])
-def test_what_qwen3_next_cannot_compute_is_refused_with_the_reason(overrides, reason):
+def test_what_no_class_computes_is_refused_with_the_reason(overrides, reason):
     with pytest.raises(ValueError, match=reason):
         hf_architecture(lively_model(**overrides).config)
 

@@ -38,7 +38,9 @@ ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **
          "sliding": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5),
          "sliding_mla": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5, **MLA_TINY),
          # DeepSeek Sparse Attention: 4 keys chosen of up to 16.
-         "dsa": dict(**MLA_TINY, index_n_heads=4, index_head_dim=8, index_topk=4)}
+         "dsa": dict(**MLA_TINY, index_n_heads=4, index_head_dim=8, index_topk=4),
+         # MoBA: blocks of 4 keys, each query its own and the best earlier one.
+         "moba": dict(moba_chunk_size=4, moba_topk=2)}
 assert_close = torch.testing.assert_close
 
 
@@ -118,6 +120,8 @@ def test_config_gives_experts_the_dense_width_between_them():
         (dict(**MLA_TINY, index_n_heads=4, index_head_dim=2), "index_head_dim"),
         (dict(**MLA_TINY, index_n_heads=4, index_topk=0), "index_topk"),
         (dict(**MLA_TINY, index_n_heads=4, layer_types=["sliding_attention"] * 2, sliding_window=4), "sliding"),
+        (dict(**MLA_TINY, moba_chunk_size=4), "moba_chunk_size"),
+        (dict(moba_chunk_size=4, moba_topk=0), "moba_topk"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, field):
@@ -309,7 +313,7 @@ def test_padding_rows_output_zeros_and_gradients_stay_finite(impl, arch):
         assert (out[mask == 1] != 0).any()
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear", "sliding", "sliding_mla", "dsa"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear", "sliding", "sliding_mla", "dsa", "moba"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_left_padded_rows_match_unpadded_rows(impl, arch):
     model = make_model(attn_impl=impl, **ARCHS[arch])
@@ -327,7 +331,7 @@ def test_left_padded_rows_match_unpadded_rows(impl, arch):
 @pytest.mark.parametrize("chunks", [[4, 1, 1, 1, 1, 1, 1], [6, 4]], ids=["token_by_token", "two_chunks"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear", "sliding", "sliding_mla",
-                                  "dsa"])
+                                  "dsa", "moba"])
 def test_cached_logits_match_uncached(impl, chunks, padded, arch):
     # For MLA this is the absorbed path (latent cache) against the naive one (no cache).
     model = lively_model(attn_impl=impl, **ARCHS[arch])
@@ -367,7 +371,7 @@ def greedy_with_uncached_forwards(model, idx, n_tokens, attention_mask=None):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("prompt_len", [5, 20])  # block_size is 16: 20 starts beyond it
-@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe", "sliding_mla", "dsa"])
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe", "sliding_mla", "dsa", "moba"])
 def test_greedy_generate_matches_uncached_forwards_past_block_size(impl, prompt_len, arch):
     model = lively_model(attn_impl=impl, **ARCHS[arch])
     idx = torch.randint(0, 64, (2, prompt_len))
@@ -642,6 +646,63 @@ def test_dsa_warmup_attends_densely_and_teaches_the_indexer_the_dense_attention(
         mla.indexer_loss.backward()
         optimizer.step()
     assert mla.indexer_loss.item() < 0.5 * before
+
+
+# ----------------------------------------------------------------------------- MoBA
+
+
+def reference_moba_mask(q, k, chunk, topk):
+    """(B, n_head, T, T) bool, MoBA's choice query by query: its own block, and the topk - 1 earlier blocks of
+    highest q . mean key, causally. q (B, n_head, T, d), k (B, n_kv_head, T, d), no padding."""
+    B, H, T, _ = q.shape
+    k = k.repeat_interleave(H // k.size(1), dim=1)
+    allowed = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for b, h, i in ((b, h, i) for b in range(B) for h in range(H) for i in range(T)):
+        own = i // chunk
+        gates = [float(q[b, h, i] @ k[b, h, c * chunk:(c + 1) * chunk].mean(dim=0)) for c in range(own)]
+        for c in [own] + sorted(range(own), key=lambda c: -gates[c])[:topk - 1]:
+            allowed[b, h, i, c * chunk:min((c + 1) * chunk, i + 1)] = True
+    return allowed
+
+
+def test_moba_attends_to_its_own_block_and_the_best_earlier_ones():
+    model = lively_model(moba_chunk_size=4, moba_topk=3)  # blocks of 4: of 15 positions, 4 blocks, 3 of them chosen
+    attn, T = model.layers[0].attn, 15
+    x = torch.randn(2, T, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    rope = model.rope(torch.arange(T)[None].expand(2, -1), torch.float64)
+    blocks = torch.arange(T).expand(2, -1) // 4
+    y = attn(x, rope, None, None, (blocks, blocks))
+    q = apply_rope(attn.wq(x).view(2, T, 4, 8).transpose(1, 2), *rope)
+    k = apply_rope(attn.wk(x).view(2, T, 2, 8).transpose(1, 2), *rope)
+    v = attn.wv(x).view(2, T, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+    allowed = reference_moba_mask(q.detach(), k.detach(), 4, 3)
+    assert allowed.sum() < torch.ones(T, T).tril().sum() * 2 * 4  # some blocks left out
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-2, -1) / math.sqrt(8)).masked_fill(~allowed, float("-inf"))
+    expected = attn.wo((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, T, -1))
+    assert_close(y, expected, rtol=1e-10, atol=1e-12)
+    params = [x, attn.wq.weight, attn.wk.weight, attn.wv.weight]
+    for got, want in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(expected.square().sum(), params)):
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_moba_choosing_every_block_is_causal_attention():
+    moba, dense = lively_model(moba_chunk_size=4, moba_topk=4), lively_model()
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(9))
+    assert_close(moba(idx)[0], dense(idx)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_moba_on_the_triton_kernel_walks_only_the_chosen_tiles_and_computes_what_eager_computes():
+    # Blocks of 16 (the kernel's tiles), 48 positions: each query its own block and the better of the earlier ones.
+    config = dict(block_size=48, moba_chunk_size=16, moba_topk=2)
+    flash, eager = (lively_model(**config, attn_impl=impl).float().train() for impl in ("flash", "eager"))
+    idx = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(10))
+    results = []
+    for model in (flash, eager):
+        logits, loss = model(idx, idx)
+        results.append((logits, torch.autograd.grad(loss, list(model.parameters()))))
+    assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
+    for got, want in zip(results[0][1], results[1][1]):
+        assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_packed_documents_are_refused_with_linear_layers():
