@@ -435,6 +435,8 @@ def attention(q, k, v, mask, impl, dropout_p=0.0, scale=None, window=None, sinks
     attention_sinks' logits (n_head,), one more softmax column per head: our kernel has it, sdpa does not (eager).
     """
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if window is not None and mask is None and q.size(2) == k.size(2) > 2 * window and impl != "flash":
+        return windowed_attention(q, k, v, impl, dropout_p, scale, window, sinks)
     fallback = "sdpa" if sinks is None else "eager"
     if impl == "sdpa":
         impl = fallback
@@ -514,6 +516,19 @@ def moba_attention(q, k, v, mask, blocks, chunk, topk, impl, dropout_p, sinks):
     # make_attention_mask's every key, for a finite softmax.
     allowed = mask[0] & (takes | ~mask[1])
     return attention(q, k, v, (allowed, mask[1]), "eager" if impl == "eager" else "sdpa", dropout_p, sinks=sinks)
+
+
+def windowed_attention(q, k, v, impl, dropout_p, scale, window, sinks):
+    """Causal attention over each query's last `window` keys, `window` queries at a time: a chunk of queries needs
+    its own keys and the window - 1 before them, so the scores cost T * 2 * window instead of T^2, as the flash
+    kernel's skipped blocks save on a GPU (sdpa and eager under one (T, T) band mask would compute every score)."""
+    T, out = q.size(2), []
+    for start in range(0, T, window):
+        end, first = min(start + window, T), max(start - window + 1, 0)  # the chunk's queries, its first key
+        mask = make_attention_mask(torch.ones(q.size(0), end - first, dtype=torch.bool, device=q.device), end - start)
+        out.append(attention(q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], mask, impl, dropout_p, scale,
+                             window, sinks))
+    return torch.cat(out, dim=2)  # (B, n_head, T, d_v)
 
 
 class Attention(nn.Module):

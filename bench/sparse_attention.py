@@ -6,10 +6,12 @@ attention, side by side on this CPU.
     python bench/sparse_attention.py --quality        # and cpu_demo trained four ways (about 45 more minutes)
 
 Cost: forward + backward of one attention layer of cpu_demo's width (256, 4 heads) at batch 1, T = 2048 and 8192:
-GQA dense through PyTorch's SDPA, GQA with a window of 256 keys (SDPA under the band mask; with sinks, eager), MLA
-dense (naive form, SDPA) and MLA with DSA choosing 256 keys (4 index heads of 32; the absorbed form over the chosen
-latents, plus the indexer's scores and KL). Then decoding at cpu_demo's shape (4 layers) with 2048 and 8192 tokens
-cached: tokens per second for GQA, 3 windowed + sinks : 1 full (gpt-oss's alternation), MLA and MLA + DSA.
+GQA dense through PyTorch's SDPA, GQA with a window of 256 keys (SDPA chunk by chunk; with sinks, eager), GQA with
+MoBA (3 blocks of 256: SDPA under the mask of its choice, as the CPU has no block-sparse kernel), MLA dense (naive
+form, SDPA) and MLA with DSA choosing 256 keys (4 index heads of 32; the absorbed form over the chosen latents, plus
+the indexer's scores and KL). The tiles the block-sparse kernel visits against the density of the mask. Then decoding
+at cpu_demo's shape (4 layers) with 2048 and 8192 tokens cached: tokens per second for GQA, 3 windowed + sinks : 1 full
+(gpt-oss's alternation), MoBA, MLA and MLA + DSA.
 Quality (--quality): config/cpu_demo.py (block 256) as it is, as 3 windowed (64 keys) + sinks : 1 full, as MLA, and
 as MLA + DSA (64 keys of up to 256, trained sparse from the start), same steps and data, val bits per byte.
 """
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hybrid_attention import WIDTH, best_of, train_cpu_demo  # noqa: E402
-from model import MLA, Attention, KVCache, ModelConfig, Transformer  # noqa: E402
+from model import MLA, Attention, KVCache, ModelConfig, Transformer, moba_choice  # noqa: E402
 
 MLA_SHAPE = dict(attn="mla", q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
                  v_head_dim=64)
@@ -31,14 +33,16 @@ DSA = dict(**MLA_SHAPE, index_n_heads=4, index_head_dim=32)
 WINDOWED = dict(layer_types=["sliding_attention"] * 3 + ["full_attention"], attention_sinks=True)
 LAYERS = {  # one layer: (its model keys, its window)
     "GQA, dense (sdpa)": ({}, None),
-    "GQA, window 256 (sdpa, band mask)": ({}, 256),
-    "GQA, window 256 + sinks (eager)": (dict(attention_sinks=True), 256),
+    "GQA, window 256 (sdpa, by chunks)": ({}, 256),
+    "GQA, window 256 + sinks (eager, by chunks)": (dict(attention_sinks=True), 256),
+    "GQA, MoBA 3 blocks of 256 (sdpa, mask)": (dict(moba_chunk_size=256, moba_topk=3), None),
     "MLA, dense (sdpa)": (MLA_SHAPE, None),
     "MLA + DSA, 256 keys": ({**DSA, "index_topk": 256}, None),
 }
 MODELS = {  # decoding at cpu_demo's shape
     "GQA, dense": {},
     "3 windowed (256) + sinks : 1 full": {**WINDOWED, "sliding_window": 256},
+    "MoBA, 3 blocks of 256": dict(moba_chunk_size=256, moba_topk=3),
     "MLA, dense": MLA_SHAPE,
     "MLA + DSA, 256 keys": {**DSA, "index_topk": 256},
 }
@@ -58,9 +62,13 @@ def layer_cost(overrides, window, T):
     layer = (MLA if config.attn == "mla" else Attention)(config, 0, window).train()
     x = torch.randn(1, T, WIDTH["n_embd"], requires_grad=True)
     rope = Transformer(config).rope(torch.arange(T)[None], x.dtype)
+    extra = ()
+    if config.moba_chunk_size:  # MoBA's blocks of the keys and of the queries: by position, the same here
+        blocks = torch.arange(T)[None] // config.moba_chunk_size
+        extra = ((blocks, blocks),)
 
     def step():
-        loss = layer(x, rope, None, None).sum()
+        loss = layer(x, rope, None, None, *extra).sum()
         if config.index_n_heads:
             loss = loss + layer.indexer_loss
         loss.backward()
@@ -81,6 +89,32 @@ def decode_rate(overrides, context, steps=16):
     for _ in range(steps):
         model(token, kv_cache=cache)
     return steps / (time.perf_counter() - t0)
+
+
+def tile_fractions(T, block=64, window=256, chunk=256, topk=3):
+    """The block-sparse kernel's work on GPU tiles of `block`: the share of (query block, key block) tiles it visits,
+    beside the share of (query, key) pairs the mask allows, for a window and for MoBA. MoBA routes each query on its
+    own, and a tile is visited when any of its `block` queries chose the key block: with the random routing of
+    untrained weights here, neighbours rarely agree, the worst case (a trained router's neighbours agree more)."""
+    from myllm_kernels.flash_attention import block_mask, block_mask_of
+
+    pos = torch.arange(T)
+    band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    rows = []
+    mask = block_mask_of(band[None, None], block)
+    rows.append((f"window {window}", band.float().mean().item(), mask.kv_blocks[..., 0].sum().item()))
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, T, 64), torch.randn(1, 2, T, 64)
+    blocks = pos[None] // chunk
+    chosen = moba_choice(q, k, (blocks, blocks), topk)  # (1, 4, T, n_blocks) of chunk keys
+    pairs = chosen.repeat_interleave(chunk, dim=-1)[..., :T] & (pos[None, :] <= pos[:, None])
+    per_tile = chosen.repeat_interleave(chunk // block, dim=-1)  # the choice on kernel tiles
+    n = -(-T // block)
+    visit = per_tile.view(1, 4, n, block, -1).any(dim=3)[..., :n] & torch.ones(n, n, dtype=torch.bool).tril()
+    mask = block_mask(visit, block)
+    rows.append((f"MoBA {topk} of blocks of {chunk}", pairs.float().mean().item(),
+                 mask.kv_blocks[..., 0].sum().item() / 4))
+    return [(name, density, visited / n**2) for name, density, visited in rows]
 
 
 def main():
@@ -106,6 +140,13 @@ def main():
             reference = dense.setdefault(overrides.get("attn", "gqa"), seconds)  # the first row of its attention
             print(f"| {name} | " + " | ".join(f"{s * 1000:,.0f} ms" for s in seconds) + " | " +
                   " | ".join(f"{s / r:.2f}" for s, r in zip(seconds, reference)) + " |")
+
+        print("\nThe block-sparse kernel's tiles (64 x 64, a GPU's) against the mask, causal, one head\n")
+        print("| mask | T | pairs allowed | tiles visited | tiles skipped |")
+        print("|---|---:|---:|---:|---:|")
+        for T in lengths:
+            for name, density, visited in tile_fractions(T):
+                print(f"| {name} | {T:,} | {density:.1%} | {visited:.1%} | {1 - visited:.1%} |")
 
         contexts = (2048, 8192)
         print("\nDecoding at cpu_demo's shape (4 layers), batch 1, tokens per second with the context cached\n")

@@ -503,6 +503,20 @@ def test_a_sliding_layer_attends_to_its_window_only(impl, arch):
         assert_close(got, expected, rtol=0, atol=1e-4 if impl == "flash" else 1e-6)  # eager: softmax in float32
 
 
+@pytest.mark.parametrize("impl, with_sinks", [("sdpa", False), ("eager", False), ("eager", True)])
+def test_a_window_computed_chunk_by_chunk_equals_the_band_mask_over_the_whole_sequence(impl, with_sinks):
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, heads, 100, 8, dtype=torch.float64, generator=g, requires_grad=True) for heads in (4, 2, 2))
+    sinks = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True) if with_sinks else None
+    chunked = attention(q, k, v, None, impl, window=16, sinks=sinks)  # 100 > 2 * 16: seven chunks of queries
+    banded = attention(q, k, v, make_attention_mask(torch.ones(2, 100, dtype=torch.bool), 100), impl, window=16,
+                       sinks=sinks)
+    assert_close(chunked, banded, rtol=1e-12, atol=1e-12)
+    inputs = [q, k, v] + ([sinks] if with_sinks else [])
+    for got, want in zip(torch.autograd.grad(chunked.square().sum(), inputs), torch.autograd.grad(banded.square().sum(), inputs)):
+        assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_sink_logits_compute_what_gpt_oss_eager_attention_computes():
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
