@@ -10,6 +10,7 @@ transformers class computes to the last digit, and we write its config.json and 
   GQA + DeepSeek MoE         Glm4MoeForCausalLM (GLM-4.5: Llama-style attention, DeepSeek-V3's router)
   MLA, dense MLP or MoE      DeepseekV3ForCausalLM (a model without MoE is one whose dense layers never end)
   MLA + DSA indexers         DeepseekV32ForCausalLM (DeepSeek Sparse Attention: the same top-k choice of keys)
+  GQA with sliding layers    MinistralForCausalLM (Llama with a window per layer_types entry; dense MLP only)
   linear attention, qk_norm  Qwen3NextForCausalLM (Gated DeltaNet beside full attention with q/k norm and an
   + attn_output_gate, dense  output gate; its norms scale by 1 + w, so we write our gain minus 1, where exact)
 Anything no class represents exactly is refused with the reason; an approximate export is never written.
@@ -111,9 +112,17 @@ Where it differs from myllm's `tokenizer.py`, and why:
 
 def hf_architecture(config: ModelConfig) -> str:
     """The transformers class that computes exactly our model, or ValueError saying why none does."""
-    if "sliding_attention" in config.layer_types or config.attention_sinks:
-        raise ValueError("sliding-window layers and attention sinks: Mistral, Gemma 2 and gpt-oss compute them, each "
-                         "with other parts of its own, and no exporter is written for them yet")
+    if config.attention_sinks:
+        raise ValueError("attention sinks: transformers computes them in gpt-oss only, whose every layer is a mixture "
+                         "of experts with biased, clamped GLU experts and a biased router, not our MLP or DeepSeek's "
+                         "experts, so no class computes this model")
+    if "sliding_attention" in config.layer_types:
+        if config.attn != "gqa" or config.n_routed_experts or config.qkv_bias or config.qk_norm or \
+                config.attn_output_gate or "linear_attention" in config.layer_types:
+            raise ValueError("sliding-window layers: transformers' Ministral computes them beside full ones, with "
+                             "Llama's GQA and dense MLP only (no MLA, experts, q/k/v biases, q/k norm, output gate "
+                             "or linear layers)")
+        return "MinistralForCausalLM"
     if config.moba_chunk_size:
         raise ValueError("MoBA's block attention: no transformers class computes it")
     if "linear_attention" in config.layer_types or config.qk_norm or config.attn_output_gate:
@@ -167,6 +176,9 @@ def hf_config(config: ModelConfig, arch: str) -> dict:
     }
     if arch == "LlamaForCausalLM":
         hf |= {"model_type": "llama", "head_dim": config.head_dim, "attention_bias": config.qkv_bias, "mlp_bias": False}
+    elif arch == "MinistralForCausalLM":  # Llama with per-layer windows: key j for query i when i - window < j <= i
+        hf |= {"model_type": "ministral", "head_dim": config.head_dim, "layer_types": config.layer_types,
+               "sliding_window": config.sliding_window}
     if config.n_routed_experts or arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM"):
         hf |= {"n_routed_experts": config.n_routed_experts, "n_shared_experts": config.n_shared_experts,
                "num_experts_per_tok": config.num_experts_per_tok, "moe_intermediate_size": config.moe_inter_dim,

@@ -8,8 +8,9 @@ First it checks correctness on the GPU, bf16 included (the CPU tests cannot: Tri
 wrong): outputs and gradients of ours and of SDPA against float64 math attention, ours passing when its
 error is within twice SDPA's (or a small floor). Then it prints TFLOP/s of forward, backward and both, ours
 against SDPA's flash and cuDNN backends, at 16k tokens per batch (B * T = 16384), model width 2048
-(32 heads of 64 or 16 of 128), plus grouped-query, MLA (192/128) and sliding-window shapes, and last the
-time of one training step of model.py with each attention implementation it accepts.
+(32 heads of 64 or 16 of 128), plus grouped-query, MLA (192/128) and sliding-window shapes, the causal and window
+masks again as a BlockMask's lists (the block-sparse path), and last the time of one training step of model.py with
+each attention implementation it accepts.
 
 The one idea to understand first: FLOPs are counted as the FlashAttention papers count them, so numbers
 compare with theirs: 2 * pairs * (d_qk + d_v) for the forward, where pairs are the (query, key) pairs the
@@ -173,6 +174,17 @@ def speed_tables(flash_attention):
     speed_row(impls, 2, 16, 2, 8192, 128, 128, True, None, "GQA 16/2 heads, T=8192 d=128 causal")
     speed_row(impls, 2, 16, 16, 8192, 192, 128, True, None, "MLA 192/128, 16 heads, T=8192 causal")
     speed_row(impls[:1], 2, 16, 16, 8192, 128, 128, True, 1024, "window 1024, T=8192 d=128 (ours only)")
+    # The same causal and window masks as a BlockMask's lists of 64-position tiles (block-sparse attention, as MoBA
+    # and FlexAttention drive it): what reading the lists costs against the kernel's own block ranges.
+    from myllm_kernels.flash_attention import block_mask_of
+    pos = torch.arange(8192, device="cuda")
+    for window in (None, 1024):
+        allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - (window or 8192))
+        lists = block_mask_of(allowed[None, None], 64)
+        listed = ("ours, lists", lambda q, k, v, causal, w, lists=lists: flash_attention(q, k, v, causal=causal,
+                                                                                          window_size=w, block_mask=lists))
+        speed_row([listed], 2, 16, 16, 8192, 128, 128, True, window,
+                  f"{'causal' if window is None else f'window {window}'}, T=8192 d=128 as block lists (ours)")
     if fwd_ratios:
         print(f"\nOurs / SDPA flash at T >= 2048: forward speed {min(fwd_ratios):.2f}x to {max(fwd_ratios):.2f}x "
               f"(goal >= 1.0), backward {min(bwd_ratios):.2f}x to {max(bwd_ratios):.2f}x (goal >= 0.9)\n")

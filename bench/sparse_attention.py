@@ -3,7 +3,7 @@ bench/sparse_attention.py: what sliding windows with sinks and DeepSeek Sparse A
 attention, side by side on this CPU.
 
     python bench/sparse_attention.py                  # cost tables (a few minutes on 2 cores)
-    python bench/sparse_attention.py --quality        # and cpu_demo trained four ways (about 45 more minutes)
+    python bench/sparse_attention.py --quality        # and cpu_demo trained five ways (about an hour more)
 
 Cost: forward + backward of one attention layer of cpu_demo's width (256, 4 heads) at batch 1, T = 2048 and 8192:
 GQA dense through PyTorch's SDPA, GQA with a window of 256 keys (SDPA chunk by chunk; with sinks, eager), GQA with
@@ -12,19 +12,19 @@ form, SDPA) and MLA with DSA choosing 256 keys (4 index heads of 32; the absorbe
 the indexer's scores and KL). The tiles the block-sparse kernel visits against the density of the mask. Then decoding
 at cpu_demo's shape (4 layers) with 2048 and 8192 tokens cached: tokens per second for GQA, 3 windowed + sinks : 1 full
 (gpt-oss's alternation), MoBA, MLA and MLA + DSA.
-Quality (--quality): config/cpu_demo.py (block 256) as it is, as 3 windowed (64 keys) + sinks : 1 full, as MLA, and
-as MLA + DSA (64 keys of up to 256, trained sparse from the start), same steps and data, val bits per byte.
+Quality (--quality): config/cpu_demo.py (block 256) as it is, as 3 windowed (64 keys) + sinks : 1 full, with MoBA (its
+own block and the best earlier one, of 32 keys each), as MLA, and as MLA + DSA (64 keys of up to 256, trained sparse
+from the start), same steps and data, val bits per byte.
 """
 
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hybrid_attention import WIDTH, best_of, train_cpu_demo  # noqa: E402
+from hybrid_attention import WIDTH, best_of, decode_cost, train_cpu_demo  # noqa: E402
 from model import MLA, Attention, KVCache, ModelConfig, Transformer, moba_choice  # noqa: E402
 
 MLA_SHAPE = dict(attn="mla", q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
@@ -50,6 +50,7 @@ RUNS = {  # quality, at cpu_demo's block of 256
     "GQA, dense (cpu_demo)": [],
     "3 windowed (64) + sinks : 1 full": ["--layer_types=" + str(WINDOWED["layer_types"]),
                                         "--sliding_window=64", "--attention_sinks=True"],
+    "MoBA, 2 blocks of 32": ["--moba_chunk_size=32", "--moba_topk=2"],
     "MLA, dense": [f"--{k}={v}" for k, v in MLA_SHAPE.items()],
     "MLA + DSA, 64 keys": [f"--{k}={v}" for k, v in {**DSA, "index_topk": 64}.items()],
 }
@@ -74,21 +75,6 @@ def layer_cost(overrides, window, T):
         loss.backward()
 
     return best_of(step, repeats=2)
-
-
-@torch.inference_mode()
-def decode_rate(overrides, context, steps=16):
-    """Tokens per second decoding one sequence with `context` tokens cached."""
-    torch.manual_seed(0)
-    config = ModelConfig(**WIDTH, **overrides, block_size=context + steps, attn_impl="sdpa")
-    model = Transformer(config).eval()
-    cache = KVCache(config, 1, config.block_size)
-    model(torch.randint(0, 6400, (1, context)), kv_cache=cache)
-    token = torch.randint(0, 6400, (1, 1))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model(token, kv_cache=cache)
-    return steps / (time.perf_counter() - t0)
 
 
 def tile_fractions(T, block=64, window=256, chunk=256, topk=3):
@@ -119,7 +105,7 @@ def tile_fractions(T, block=64, window=256, chunk=256, topk=3):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quality", action="store_true", help="also train cpu_demo four ways (about 45 minutes)")
+    parser.add_argument("--quality", action="store_true", help="also train cpu_demo five ways (about an hour)")
     parser.add_argument("--max_iters", type=int, default=0, help="--quality: steps per run (0: cpu_demo's 350)")
     parser.add_argument("--data_dir", default="data/pystdlib", help="--quality: prepare_data.py's default corpus")
     parser.add_argument("--skip_cost", action="store_true", help="--quality only")
@@ -155,11 +141,11 @@ def main():
         for name, overrides in MODELS.items():
             config = ModelConfig(**WIDTH, **overrides, block_size=8192 + 16)
             size = KVCache.bytes_per_token(config) * 8192 + KVCache.bytes_per_sequence(config)
-            print(f"| {name} | " + " | ".join(f"{decode_rate(overrides, n):.0f}" for n in contexts) +
+            print(f"| {name} | " + " | ".join(f"{1000 / decode_cost(overrides, n)[0]:.0f}" for n in contexts) +
                   f" | {size / 2**20:.2f} MiB |")
 
     if args.quality:
-        print("\nconfig/cpu_demo.py, same steps and data, four attention patterns\n")
+        print("\nconfig/cpu_demo.py, same steps and data, five attention patterns\n")
         print("| attention | val bits per byte | wall time |")
         print("|---|---:|---:|")
         for name, extra in RUNS.items():

@@ -48,6 +48,8 @@ FAMILIES = {
     "mla_moe_shared_groups_sigmoid": ({**MLA, **MOE}, "DeepseekV3ForCausalLM"),
     # DeepSeek Sparse Attention, 6 keys chosen of up to 24. 16 index heads: a key scores exactly 0 only where all 16
     # ReLUs are 0, so no tie sits at a top-k boundary here (at one, transformers' topk may take another tied key).
+    "ministral_sliding_then_full": (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5),
+                                    "MinistralForCausalLM"),
     "mla_dsa": ({**MLA, **DSA}, "DeepseekV32ForCausalLM"),
     "mla_dsa_moe_untied": ({**MLA, **MOE, **DSA, "tie_embeddings": False}, "DeepseekV32ForCausalLM"),
     "gqa_moe": ({**MOE, "qkv_bias": True, "first_k_dense_replace": 0, "norm_topk_prob": False}, "Glm4MoeForCausalLM"),
@@ -246,7 +248,9 @@ def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
     (dict(qk_norm=True), "set both qk_norm and attn_output_gate"),
     (dict(**GATED, **MOE), "softmax router"),
     (dict(**GATED, qkv_bias=True), "no biases"),
-    (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4), "sliding-window layers"),
+    (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, qkv_bias=True), "Ministral"),
+    (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, **MOE), "Ministral"),
+    (dict(attention_sinks=True), "gpt-oss"),
     (dict(moba_chunk_size=4), "MoBA"),
 ])
 def test_what_no_class_computes_is_refused_with_the_reason(overrides, reason):
