@@ -146,6 +146,65 @@ def all_gather_objects(obj) -> list:
     return everyone
 
 
+# ----------------------------------------------------------------------------------------------------
+# Expert parallelism: each rank of an expert-parallel group holds its share of the routed experts, and the tokens
+# travel to them and back. (The step that wires this into MoE, the engine and checkpoints comes next.)
+
+
+class AllToAll(torch.autograd.Function):
+    """Rows exchanged between the ranks of a group: this rank sends its next send[j] rows to rank j and receives
+    recv[j] rows from each rank j, in rank order (all_to_all_single with split sizes). The exchange is its own
+    transpose, so its backward is the same exchange with send and recv swapped: each received row's gradient goes
+    back to the rank, and the place, it came from."""
+
+    @staticmethod
+    def forward(ctx, rows, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = rows.new_empty(sum(recv), *rows.shape[1:])
+        _wait(dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group, async_op=True))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        _wait(dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group, async_op=True))
+        return back, None, None, None
+
+
+class ExpertExchange:
+    """One MoE layer's round trip over an expert-parallel group of E ranks, rank r holding routed experts
+    r * experts_per_rank .. (r + 1) * experts_per_rank - 1.
+
+    dispatch: this rank's (token, slot) rows, sorted by expert, with counts (n_experts,) per expert. The counts go
+    first (an all-to-all of E x experts_per_rank numbers), so each rank knows how many rows it will receive from whom
+    for which of its experts; then the rows. They arrive grouped by source rank, and within it by expert; a stable
+    sort by local expert groups them for the experts, each a contiguous run. combine: the experts' outputs, in that
+    order, are put back in arrival order and sent home, where they come back in the order dispatch was given. An
+    expert that gets no rows runs on an empty run: nothing waits for it, and its gradient is zeros, not missing."""
+
+    def __init__(self, experts_per_rank: int, group=None):
+        self.experts_per_rank, self.group = experts_per_rank, group
+        self.world = dist.get_world_size(group)
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """rows (n, d) sorted by expert, counts (n_experts,) int64 -> the rows for this rank's experts, grouped by
+        expert (m, d), and how many each of them got (experts_per_rank,)."""
+        received = torch.empty_like(counts)
+        _wait(dist.all_to_all_single(received, counts, group=self.group, async_op=True))
+        received = received.view(self.world, self.experts_per_rank)  # [source rank, local expert]
+        self.send = counts.view(self.world, self.experts_per_rank).sum(dim=1).tolist()
+        self.recv = received.sum(dim=1).tolist()
+        arrived = AllToAll.apply(rows, self.send, self.recv, self.group)  # by source rank, then expert
+        expert_of = torch.arange(self.experts_per_rank, device=rows.device).repeat(self.world)
+        self.order = expert_of.repeat_interleave(received.flatten()).argsort(stable=True)
+        return arrived[self.order], received.sum(dim=0).tolist()
+
+    def combine(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs (m, d), in dispatch's order -> this rank's rows back, in the order it dispatched."""
+        in_arrival_order = outputs[torch.argsort(self.order)]
+        return AllToAll.apply(in_arrival_order, self.recv, self.send, self.group)
+
+
 class Bucket:
     """Parameters that travel together. Their values live in `flat` (the parameters are views into it), padded
     to a multiple of the world size; `shard` is the part this rank steps with AdamW, and shard.grad its part of

@@ -240,6 +240,16 @@ def test_lora_on_two_ranks_matches_one_process_and_keeps_the_base_out_of_the_eng
     assert names == set(weights(tmp_path / "one")), "AdamW state for exactly the adapters"
 
 
+def test_expert_exchange_sends_rows_to_their_experts_and_back_with_their_gradients():
+    # Two ranks, two of four experts each, different numbers of rows, an expert that gets none: outputs, gradients of
+    # the rows, and each expert's gradient (the sum over every rank's rows routed to it) equal one process's.
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([*torchrun(2), os.path.abspath(__file__), "experts"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("experts ok") == 2
+
+
 def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():
     env = dict(os.environ, PYTHONPATH=ROOT)
     result = subprocess.run([*torchrun(3), os.path.abspath(__file__)], cwd=ROOT, env=env,
@@ -366,5 +376,41 @@ def check_every_stage():
     parallel.destroy()
 
 
+def check_expert_exchange():
+    """Each rank routes its own rows among 4 linear experts; rank r holds experts 2r and 2r + 1. The reference is every
+    expert held everywhere, each rank computing its own rows, the experts' gradients summed over the ranks."""
+    import parallel
+
+    parallel.init_distributed()
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    weights = torch.randn(4, 6, 6, dtype=torch.float64)  # the same experts on every rank
+    g = torch.Generator().manual_seed(10 + rank)
+    n = 5 if rank == 0 else 9
+    rows = torch.randn(n, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    experts = torch.randint(0, 3, (n,), generator=g)  # expert 3 (rank 1's second) gets no row from anyone
+    weigh = torch.randn(n, 6, dtype=torch.float64, generator=g)
+
+    everywhere = weights.clone().requires_grad_()
+    expected = torch.einsum("nd,ned->ne", rows, everywhere[experts])
+    (expected * weigh).sum().backward()
+    expected_rows_grad, expert_grads = rows.grad.clone(), parallel.all_reduce_sum(everywhere.grad.clone())
+    rows.grad = None
+
+    local = weights[2 * rank:2 * rank + 2].clone().requires_grad_()
+    order = experts.argsort(stable=True)
+    exchange = parallel.ExpertExchange(2)
+    arrived, counts = exchange.dispatch(rows[order], torch.bincount(experts, minlength=4))
+    outputs = torch.cat([run @ w.T for run, w in zip(arrived.split(counts), local)])
+    back = exchange.combine(outputs)[torch.argsort(order)]
+    (back * weigh).sum().backward()
+    torch.testing.assert_close(back, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rows.grad, expected_rows_grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(local.grad, expert_grads[2 * rank:2 * rank + 2], rtol=0, atol=1e-12)
+    assert rank == 0 or (counts[1] == 0 and torch.equal(local.grad[1], torch.zeros(6, 6, dtype=torch.float64)))
+    print("experts ok", flush=True)
+    parallel.destroy()
+
+
 if __name__ == "__main__":
-    check_every_stage()
+    check_expert_exchange() if sys.argv[1:] == ["experts"] else check_every_stage()
