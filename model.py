@@ -684,8 +684,8 @@ class MLA(nn.Module):
             if self.training:  # what the indexer learns: the heads' mean attention over every allowed key
                 self.indexer_loss = indexer_kl(scores, head_mean_probs(q, k, allowed, self.scale), allowed[:, 0])
         else:  # absorbed, over the chosen keys (every allowed one where topk >= S)
-            k = S if self.warmup else min(self.indexer.topk, S)
-            chosen, valid = self.indexer.choose(scores, allowed, k)  # (B, T, k) key indices, (B, 1, T, k) allowed
+            n_chosen = S if self.warmup else min(self.indexer.topk, S)
+            chosen, valid = self.indexer.choose(scores, allowed, n_chosen)  # (B, T, k) key indices, (B, 1, T, k)
             w_uk, w_uv = self.absorbed_weights()
             q_absorbed = torch.cat((q_nope @ w_uk, q_rope), dim=-1)  # (B, n_head, T, kv_lora_rank + rope_dim)
             y, probs = chosen_latent_attention(q_absorbed, kv, chosen, valid, self.kv_lora_rank, self.scale, dropout_p)
@@ -723,7 +723,7 @@ class Indexer(nn.Module):
 
         I[t, s] = sum over index heads j of  w[t, j] * ReLU(q[t, j] . k[s] / sqrt(index_head_dim))
 
-    with few small heads (DeepSeek-V3.2: 64 of 128 dims against MLA's 128 of 192), one key per token shared by the
+    with few small heads (DeepSeek-V3.2: 64 heads of 128 dims; MLA: 128 of 192), one key per token shared by the
     heads (so its cache is one vector per token), a per-query weight w for each head, and ReLU rather than a
     softmax: the scores only rank the keys, and ReLU is cheap (the paper runs it in FP8). The queries come from
     MLA's query latent, the keys from the layer's input; both carry RoPE on their first qk_rope_head_dim dims."""
@@ -791,7 +791,8 @@ def head_mean_probs(q, k, allowed, scale):
     at a time, so no (B, n_head, T, S) tensor is ever held. q (B, n_head, T, d), k (B, n_head, S, d)."""
     mean = 0
     for h in range(q.size(1)):
-        scores = (q[:, h] @ k[:, h].transpose(-2, -1) * scale).float().masked_fill(~allowed[:, 0], float("-inf"))
+        scores = (q[:, h] @ k[:, h].transpose(-2, -1) * scale).to(torch.promote_types(q.dtype, torch.float32))
+        scores = scores.masked_fill(~allowed[:, 0], float("-inf"))
         mean = mean + F.softmax(scores, dim=-1) / q.size(1)
     return mean
 
