@@ -14,7 +14,8 @@ at cpu_demo's shape (4 layers) with 2048 and 8192 tokens cached: tokens per seco
 (gpt-oss's alternation), MoBA, MLA and MLA + DSA.
 Quality (--quality): config/cpu_demo.py (block 256) as it is, as 3 windowed (64 keys) + sinks : 1 full, with MoBA (its
 own block and the best earlier one, of 32 keys each), as MLA, and as MLA + DSA (64 keys of up to 256, trained sparse
-from the start), same steps and data, val bits per byte.
+from the start), same steps and data, val bits per byte; then the trained MoBA run's routing: the pairs it keeps and
+the block-sparse kernel's tiles it visits.
 """
 
 import argparse
@@ -24,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hybrid_attention import WIDTH, best_of, decode_cost, train_cpu_demo  # noqa: E402
+from hybrid_attention import ROOT, WIDTH, best_of, decode_cost, train_cpu_demo  # noqa: E402
 from model import MLA, Attention, KVCache, ModelConfig, Transformer, moba_choice  # noqa: E402
 
 MLA_SHAPE = dict(attn="mla", q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
@@ -54,6 +55,11 @@ RUNS = {  # quality, at cpu_demo's block of 256
     "MLA, dense": [f"--{k}={v}" for k, v in MLA_SHAPE.items()],
     "MLA + DSA, 64 keys": [f"--{k}={v}" for k, v in {**DSA, "index_topk": 64}.items()],
 }
+
+
+def slug_of(name):
+    """A run's folder under out/bench_sparse/."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
 def layer_cost(overrides, window, T):
@@ -103,6 +109,29 @@ def tile_fractions(T, block=64, window=256, chunk=256, topk=3):
     return [(name, density, visited / n**2) for name, density, visited in rows]
 
 
+def trained_moba_tiles(out_dir, data_dir, rows=8):
+    """Per layer of a trained MoBA run, on its first validation windows: the share of (query, key) pairs its routing
+    keeps, and of the kernel's tiles (moba_chunk_size queries by moba_chunk_size keys) that a BlockMask visits."""
+    import numpy as np
+
+    import model as model_module
+    from checkpoint import load_model
+
+    (model, _), chosen = load_model(out_dir, "cpu"), []
+    T, chunk = model.config.block_size, model.config.moba_chunk_size
+    route = model_module.moba_choice
+    model_module.moba_choice = lambda *args: chosen.append(route(*args)) or chosen[-1]  # record each layer's choice
+    try:
+        tokens = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")[: rows * T]
+        with torch.no_grad():
+            model(torch.from_numpy(tokens.astype(np.int64)).view(rows, T))
+    finally:
+        model_module.moba_choice = route
+    pos, n = torch.arange(T), T // chunk
+    return [((c.repeat_interleave(chunk, dim=-1) & (pos[None, :] <= pos[:, None])).float().mean().item(),
+             c.view(*c.shape[:2], n, chunk, n).any(dim=3).float().mean().item()) for c in chosen]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quality", action="store_true", help="also train cpu_demo five ways (about an hour)")
@@ -149,9 +178,15 @@ def main():
         print("| attention | val bits per byte | wall time |")
         print("|---|---:|---:|")
         for name, extra in RUNS.items():
-            slug = "sparse/" + "".join(ch if ch.isalnum() else "_" for ch in name)
-            bpb, seconds = train_cpu_demo(slug, extra, args.data_dir, args.max_iters)
+            bpb, seconds = train_cpu_demo("sparse/" + slug_of(name), extra, args.data_dir, args.max_iters)
             print(f"| {name} | {bpb:.3f} | {seconds / 60:.1f} min |", flush=True)
+        moba = os.path.join(ROOT, "out", "bench_sparse", slug_of("MoBA, 2 blocks of 32"))
+        print("\nThe trained MoBA run's routing on 8 validation windows, per layer (causal tiles: "
+              f"{(8 * 9 / 2) / 64:.1%})\n")
+        print("| layer | pairs kept | 32 x 32 tiles visited |")
+        print("|---:|---:|---:|")
+        for layer, (pairs, tiles) in enumerate(trained_moba_tiles(moba, args.data_dir)):
+            print(f"| {layer} | {pairs:.1%} | {tiles:.1%} |")
 
 
 if __name__ == "__main__":
