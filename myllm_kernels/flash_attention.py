@@ -1,12 +1,13 @@
 """
 Flash attention (FlashAttention-2, Dao 2023) forward and backward in Triton, with grouped-query heads,
-sliding windows, packed documents, attention sinks and different q.k and v head dims.
+sliding windows, packed documents, attention sinks, block-sparse masks and different q.k and v head dims.
 
     from myllm_kernels import flash_attention
     out = flash_attention(q, k, v, causal=True)   # q (B, n_head, T, d_qk), k (B, n_kv_head, T, d_qk),
                                                   # v (B, n_kv_head, T, d_v) -> out (B, n_head, T, d_v)
     out = flash_attention(q, k, v, doc_ids=doc_ids)  # doc_ids (B, T): several documents packed in each row
     out = flash_attention(q, k, v, sinks=sinks)      # sinks (n_head,): a learned logit per head, without a value
+    out = flash_attention(q, k, v, block_mask=block_mask_of(allowed, 64))  # visit only the tiles listed (BlockMask)
 
 On a CPU, set TRITON_INTERPRET=1 before importing this module and the same kernels run in Triton's
 interpreter (slowly: one program after another); tests/test_kernels.py does that.
@@ -543,9 +544,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _list_args(lists, chosen):
-    """The block lists' and chosen's pointers and (batch, head, row) strides, None and zeros where absent."""
-    return (lists, chosen, *(_strides(lists) if lists is not None else (0, 0, 0)),
+def _list_strides(lists, chosen):
+    """The (batch, head, row) strides of a block mask's lists and chosen, zeros where absent."""
+    return (*(_strides(lists) if lists is not None else (0, 0, 0)),
             *(_strides(chosen) if chosen is not None else (0, 0, 0)))
 
 
@@ -563,8 +564,8 @@ def _forward(q, k, v, causal, softmax_scale, window, tiles, doc_start=None, doc_
     grid = (triton.cdiv(T, tiles.block_m), B * n_head)
     sinks2 = None if sinks is None else sinks * LOG2_E  # base 2, as the scores
     lists, chosen = (None, None) if mask is None else (mask.kv_blocks, mask.chosen)
-    _forward_kernel[grid](q, k, v, out, lse, doc_start, doc_end, sinks2, *_list_args(lists, chosen)[:2],
-                          *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_list_args(lists, chosen)[2:],
+    _forward_kernel[grid](q, k, v, out, lse, doc_start, doc_end, sinks2, lists, chosen,
+                          *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_list_strides(lists, chosen),
                           T, n_head, n_head // n_kv_head, window, softmax_scale * LOG2_E,
                           D_QK=d_qk, D_V=d_v, BLOCK_DQK=_pad(d_qk), BLOCK_DV=_pad(d_v),
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
@@ -592,14 +593,14 @@ def _backward(do, q, k, v, out, lse, causal, softmax_scale, window, dkdv_tiles, 
         BLOCK_M=dq_tiles.block_m)
     dsinks = None if sinks is None else _sink_grad(sinks, lse, delta)
     _dkdv_kernel[(triton.cdiv(T, dkdv_tiles.block_n), B * n_kv_head)](
-        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end, *_list_args(q_lists, chosen)[:2], *_strides(q),
-        *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *_list_args(q_lists, chosen)[2:],
+        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end, q_lists, chosen, *_strides(q),
+        *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *_list_strides(q_lists, chosen),
         T, n_head, n_kv_head, group, window, softmax_scale * LOG2_E, softmax_scale,
         BLOCK_M=dkdv_tiles.block_m, BLOCK_N=dkdv_tiles.block_n, num_warps=dkdv_tiles.num_warps,
         num_stages=dkdv_tiles.num_stages, **common)
     _dq_kernel[(triton.cdiv(T, dq_tiles.block_m), B * n_head)](
-        q, k, v, do, lse, delta, dq, doc_start, doc_end, *_list_args(kv_lists, chosen)[:2], *_strides(q),
-        *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_list_args(kv_lists, chosen)[2:],
+        q, k, v, do, lse, delta, dq, doc_start, doc_end, kv_lists, chosen, *_strides(q),
+        *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_list_strides(kv_lists, chosen),
         T, n_head, group, window, softmax_scale * LOG2_E, softmax_scale,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
         num_stages=dq_tiles.num_stages, **common)
