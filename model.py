@@ -869,20 +869,34 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE: many small routed experts of which each token uses a few, plus shared experts every token uses.
 
-    Dispatch without a loop over tokens: the (token, expert) pairs are sorted by expert, each expert runs once on
-    the contiguous run of its tokens, and the weighted outputs are added back at the tokens' rows. In training
-    every expert runs even on zero tokens, so each has a gradient (zeros) every step: a rank whose tokens skipped
+    Dispatch without a loop over tokens: the (token, slot) pairs are sorted by expert, each expert runs once on
+    the contiguous run of its rows, and the weighted outputs are added back at the tokens' rows. In training
+    every expert runs even on zero rows, so each has a gradient (zeros) every step: a rank whose tokens skipped
     an expert still sends that gradient to the all-reduce, and no rank waits for a tensor that never comes.
+
+    Expert parallelism (shard_experts): this rank keeps only its share of the routed experts, and the sorted rows
+    travel to the ranks holding theirs and back (parallel.ExpertExchange) between the sort and the sum; everything
+    else, the router and the shared experts included, is replicated as in data parallelism. The experts are a
+    ModuleDict keyed by their global index, so a shard's parameters keep the names they have in the whole model.
     """
 
     def __init__(self, config):
         super().__init__()
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(MLP(config.n_embd, config.moe_inter_dim) for _ in range(config.n_routed_experts))
+        self.experts = nn.ModuleDict({str(i): MLP(config.n_embd, config.moe_inter_dim)
+                                      for i in range(config.n_routed_experts)})
         # The shared experts are one MLP of their summed width: the same function, one matmul each.
         n_shared = config.n_shared_experts
         self.shared_experts = MLP(config.n_embd, n_shared * config.moe_inter_dim) if n_shared else None
+        self.exchange = None  # a parallel.ExpertExchange once shard_experts kept this rank's share
         self.balance_loss = None  # set by each training forward, read by Transformer.forward
+
+    def shard_experts(self, exchange, ep_rank):
+        """Keep routed experts ep_rank * per_rank .. (ep_rank + 1) * per_rank - 1 and route through exchange."""
+        per_rank = exchange.experts_per_rank
+        self.experts = nn.ModuleDict({str(i): self.experts[str(i)]
+                                      for i in range(ep_rank * per_rank, (ep_rank + 1) * per_rank)})
+        self.exchange = exchange
 
     def forward(self, x):
         B, T, D = x.shape
@@ -890,19 +904,29 @@ class MoE(nn.Module):
         weights, experts, scores = self.gate(x)  # (N, k), (N, k), (N, n_routed_experts)
         k = experts.size(1)
         pairs = experts.flatten().argsort(stable=True)  # (N * k,) indices of (token, slot) pairs, grouped by expert
-        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
-        y = torch.zeros_like(x)
-        for expert, expert_pairs, count in zip(self.experts, pairs.split(counts), counts):
-            if count == 0 and not torch.is_grad_enabled():
-                continue  # nothing to compute, and no gradient to keep defined
-            tokens = expert_pairs // k
-            out = expert(x[tokens]) * weights.flatten()[expert_pairs, None]
-            y.index_add_(0, tokens, out.to(y.dtype))
+        tokens = pairs // k
+        counts = torch.bincount(experts.flatten(), minlength=scores.size(1))  # (n_routed_experts,)
+        sizes = counts.tolist()
+        # (N * k, D), each expert's rows contiguous. Gathered expert by expert: x's gradient then sums the experts'
+        # parts in the order it always has (one gather for all of them rounds the last bits of it differently).
+        rows = torch.cat([x[run] for run in tokens.split(sizes)])
+        if self.exchange is None:
+            out = self.run_experts(rows, sizes)
+        else:  # to the experts' ranks, through this rank's experts, and back in the order sent
+            arrived, local_counts = self.exchange.dispatch(rows, counts)
+            out = self.exchange.combine(self.run_experts(arrived, local_counts))
+        y = torch.zeros_like(x).index_add_(0, tokens, (out * weights.flatten()[pairs, None]).to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if self.training:
             self.balance_loss = self.sequence_balance_loss(experts.view(B, T * k), scores.view(B, T, -1))
         return y.view(B, T, D)
+
+    def run_experts(self, rows, counts):
+        """rows (n, D) grouped by this rank's experts, counts[i] of them for the i-th -> their outputs (n, D)."""
+        outs = [expert(run) for expert, run, count in zip(self.experts.values(), rows.split(counts), counts)
+                if count or torch.is_grad_enabled()]  # an empty run still defines the expert's (zero) gradient
+        return torch.cat(outs) if outs else rows
 
     @staticmethod
     def sequence_balance_loss(experts, scores):
@@ -1156,6 +1180,10 @@ class Transformer(nn.Module):
 
     def moe_layers(self):
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
+
+    def sharded_expert_parameters(self):
+        """Under expert parallelism, the routed experts' parameters: this rank's share, summed over its copies only."""
+        return [p for moe in self.moe_layers() if moe.exchange is not None for p in moe.experts.parameters()]
 
     def forward(self, idx, targets=None, attention_mask=None, kv_cache=None, doc_ids=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) are given.

@@ -21,6 +21,9 @@ parameters are views into it) padded to a multiple of the world size. Buckets ne
 each rank's slice of a bucket is one tensor for torch.optim.AdamW with one weight decay. Checkpoints store each
 rank's AdamW state as pieces of the flattened parameters, not of buckets, so a run resumes at any world size and
 stage. FSDP2 at the end wraps PyTorch's own fully_shard in the same interface, for comparison and production.
+
+Expert parallelism (shard_experts) splits MoE layers' routed experts among groups of ranks, tokens going to them by
+all-to-all; each expert's gradient is then summed, and sharded, among its own copies only (Replicas).
 """
 
 import datetime
@@ -148,7 +151,9 @@ def all_gather_objects(obj) -> list:
 
 # ----------------------------------------------------------------------------------------------------
 # Expert parallelism: each rank of an expert-parallel group holds its share of the routed experts, and the tokens
-# travel to them and back. (The step that wires this into MoE, the engine and checkpoints comes next.)
+# travel to them and back. A routed expert's parameters are then held by fewer ranks than the dense ones: by its
+# data-parallel copies, one in each group. Replicas names such a set of ranks, and the engine sums and shards each
+# parameter's gradient over its own.
 
 
 class AllToAll(torch.autograd.Function):
@@ -205,12 +210,51 @@ class ExpertExchange:
         return AllToAll.apply(in_arrival_order, self.recv, self.send, self.group)
 
 
+class Replicas:
+    """The ranks that hold the same parameters and sum their gradients: the whole world for the dense parameters;
+    under expert parallelism, for a routed expert its data-parallel copies, the ranks at its place in every
+    expert-parallel group. rank and size: this rank's place among them and their number. Gradients are reduced on
+    group, ZeRO-3's all-gathers run on gather_group: a communicator of their own, as they are issued in module order
+    and the reductions in bucket order, and a communicator needs one order of calls on all its ranks. shard_group:
+    for sharded parameters, the ranks that between them hold all of them (the expert-parallel group)."""
+
+    def __init__(self, rank: int, size: int, group=None, gather_group=None, shard_group=None):
+        self.rank, self.size = rank, size
+        self.group, self.gather_group, self.shard_group = group, gather_group, shard_group
+
+
+def shard_experts(model: torch.nn.Module, expert_parallel: int) -> Replicas:
+    """Expert parallelism over groups of expert_parallel consecutive ranks (on a GPU node, the ones NVLink joins):
+    every MoE layer keeps its share of the routed experts and exchanges rows within the group. Returns the experts'
+    Replicas: rank r's experts are also on ranks r - expert_parallel, r + expert_parallel, and so on. Every rank
+    must call it (each creates every group), after the whole model is identical everywhere (broadcast_parameters)."""
+    rank, world, E = dist.get_rank(), dist.get_world_size(), expert_parallel
+    expert_group, _ = dist.new_subgroups_by_enumeration([list(range(g, g + E)) for g in range(0, world, E)])
+    copies = [list(range(r, world, E)) for r in range(E)]
+    (group, _), (gather_group, _) = dist.new_subgroups_by_enumeration(copies), dist.new_subgroups_by_enumeration(copies)
+    for moe in model.moe_layers():
+        moe.shard_experts(ExpertExchange(len(moe.experts) // E, expert_group), rank % E)
+    return Replicas(rank // E, world // E, group, gather_group, shard_group=expert_group)
+
+
+def gather_experts(state: dict, experts: Replicas, rank: int) -> dict:
+    """A checkpoint holds whole experts: rank 0 of the first copy of each expert (ranks 0 .. E - 1, the first
+    expert-parallel group) sends its share, and rank 0 returns its state with every expert in it."""
+    if experts.rank != 0:
+        return state
+    shares = [None] * dist.get_world_size(experts.shard_group) if rank == 0 else None
+    mine = {name: t.detach().cpu() for name, t in state.items() if ".experts." in name}
+    dist.gather_object(mine, shares, dst=0, group=experts.shard_group)
+    return state | {k: v for share in shares for k, v in share.items()} if rank == 0 else state
+
+
 class Bucket:
     """Parameters that travel together. Their values live in `flat` (the parameters are views into it), padded
     to a multiple of the world size; `shard` is the part this rank steps with AdamW, and shard.grad its part of
     the averaged gradient."""
 
-    def __init__(self, named_params: list, weight_decay: float, world_size: int):
+    def __init__(self, named_params: list, weight_decay: float, replicas: Replicas):
+        self.replicas = replicas
         self.names = [name for name, _ in named_params]
         self.params = [p for _, p in named_params]
         self.weight_decay = weight_decay
@@ -218,9 +262,9 @@ class Bucket:
         for p in self.params:
             self.offsets.append(self.numel)
             self.numel += p.numel()
-        self.shard_size = -(-self.numel // world_size)  # ceil: the padding is at most world_size - 1 zeros
+        self.shard_size = -(-self.numel // replicas.size)  # ceil: the padding is at most size - 1 zeros
         first = self.params[0]
-        self.flat = torch.zeros(self.shard_size * world_size, dtype=first.dtype, device=first.device)
+        self.flat = torch.zeros(self.shard_size * replicas.size, dtype=first.dtype, device=first.device)
         for p, offset in zip(self.params, self.offsets):
             self.flat[offset:offset + p.numel()].copy_(p.data.reshape(-1))
             p.data = self.flat[offset:offset + p.numel()].view_as(p)
@@ -231,8 +275,9 @@ class Bucket:
     def all_ready(self) -> bool:
         return len(self.ready) == len(self.params)
 
-    def owned_range(self, rank: int, replicated: bool) -> tuple[int, int]:
-        return (0, self.flat.numel()) if replicated else (rank * self.shard_size, (rank + 1) * self.shard_size)
+    def owned_range(self, replicated: bool) -> tuple[int, int]:
+        r = self.replicas.rank
+        return (0, self.flat.numel()) if replicated else (r * self.shard_size, (r + 1) * self.shard_size)
 
     def pieces(self, lo: int, hi: int):
         """(name, start, stop, position in [lo, hi)) for each parameter's flattened elements inside [lo, hi)."""
@@ -242,30 +287,38 @@ class Bucket:
                 yield name, start - offset, stop - offset, start - lo
 
 
-def split_by_decay(params: list, groups: list, name_of: dict, world_size: int) -> list:
-    """One bucket per weight-decay group of params (a block's parameters, say), in the groups' order."""
-    ids = {id(p) for p in params}
-    return [Bucket([(name_of[id(p)], p) for p in group if id(p) in ids], wd, world_size)
-            for group, wd in groups if any(id(p) in ids for p in group)]
+def split_by_decay(params: list, groups: list, name_of: dict, replicas_of) -> list:
+    """One bucket per weight-decay group of params (a block's parameters, say) and set of replicas, in the groups'
+    order."""
+    ids, buckets = {id(p) for p in params}, []
+    for group, wd in groups:
+        mine = [p for p in group if id(p) in ids]
+        for replicas in dict.fromkeys(map(replicas_of, mine)):  # the dense ones, then the experts' (if any)
+            buckets.append(Bucket([(name_of[id(p)], p) for p in mine if replicas_of(p) is replicas], wd, replicas))
+    return buckets
 
 
-def size_buckets(groups: list, name_of: dict, cap_bytes: float, world_size: int) -> list:
+def size_buckets(groups: list, name_of: dict, cap_bytes: float, replicas_of) -> list:
     """Buckets of about cap_bytes in reverse parameter order (the order the backward produces gradients), so
     the first buckets fill and start communicating while the backward is still running. The first is
     smaller (1/25 of the cap, as PyTorch's DDP): the backward's very first gradients start moving at once.
     The no-decay group (norm gains, a few KB) comes last: its gradients arrive all through the backward,
-    and in front it would hold back every bucket behind it until the end."""
+    and in front it would hold back every bucket behind it until the end. A bucket ends where the replicas change
+    (expert parallelism: a layer's routed experts between its dense parameters), as it is sent to one set of them."""
     buckets = []
     for params, wd in groups:
         run, size = [], 0
         for p in reversed(params):
+            if run and replicas_of(p) is not replicas_of(run[-1][1]):
+                buckets.append(Bucket(run, wd, replicas_of(run[-1][1])))
+                run, size = [], 0
             run.append((name_of[id(p)], p))
             size += p.numel() * p.element_size()
             if size >= (cap_bytes / 25 if not buckets else cap_bytes):
-                buckets.append(Bucket(run, wd, world_size))
+                buckets.append(Bucket(run, wd, replicas_of(p)))
                 run, size = [], 0
         if run:
-            buckets.append(Bucket(run, wd, world_size))
+            buckets.append(Bucket(run, wd, replicas_of(run[-1][1])))
     return buckets
 
 
@@ -280,20 +333,21 @@ class Comm:
     """The engine's collectives: each one started asynchronously, its bytes counted as a ring sends them, the
     time spent waiting for it measured. In a world of one a collective is a copy (or nothing, in place)."""
 
-    def __init__(self, world_size: int):
-        self.world = world_size
+    def __init__(self):
         self.bytes_sent, self.wait_s = 0.0, 0.0
 
-    def start(self, kind: str, out: torch.Tensor, inp: torch.Tensor, group=None):
-        if self.world == 1:
+    def start(self, kind: str, out: torch.Tensor, inp: torch.Tensor, replicas: Replicas, gather: bool = False):
+        """kind over the ranks of replicas: on their group, or for gather (ZeRO-3's all-gathers) on gather_group."""
+        if replicas.size == 1:
             if out.data_ptr() != inp.data_ptr():
                 out.copy_(inp)
             return None
-        self.bytes_sent += ring_bytes(kind, max(out.numel(), inp.numel()) * out.element_size(), self.world)
+        self.bytes_sent += ring_bytes(kind, max(out.numel(), inp.numel()) * out.element_size(), replicas.size)
+        group = replicas.gather_group if gather else replicas.group
         if kind == "all_reduce":
-            return dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True)
+            return dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group, async_op=True)
         if kind == "reduce_scatter":
-            return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, async_op=True)
+            return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=True)
         return _all_gather(out, inp, group=group, async_op=True)
 
     def wait(self, work) -> None:
@@ -325,22 +379,30 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, groups: list[dict], zero_stage: int, lr: float, betas: tuple,
-                 fused: bool, bucket_mb: float = 25.0):
-        self.model = model
+                 fused: bool, bucket_mb: float = 25.0, experts: Replicas | None = None):
+        self.model, self.experts = model, experts
         # What this stage shards, set once here (each stage shards what the one below it does, and one thing more).
         self.shard_optimizer = zero_stage >= 1
         self.shard_gradients = zero_stage >= 2
         self.shard_parameters = zero_stage >= 3
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-        self.comm, self.sync = Comm(self.world), True
+        self.comm, self.sync = Comm(), True
+        gather_group = dist.new_group() if self.shard_parameters and is_distributed() else None
+        self.dense = Replicas(self.rank, self.world, gather_group=gather_group)
+        # Expert parallelism: the routed experts this rank holds are summed and sharded over their copies only.
+        expert_ids = {id(p) for p in model.sharded_expert_parameters()} if experts else set()
+
+        def replicas_of(p):
+            return experts if id(p) in expert_ids else self.dense
+
         name_of = {id(p): name for name, p in model.named_parameters()}
         groups = [(group["params"], group["weight_decay"]) for group in groups if group["params"]]
         if self.shard_parameters:
-            self.gather = ParameterGather(model, groups, name_of, self.comm)
+            self.gather = ParameterGather(model, groups, name_of, self.comm, replicas_of)
             self.buckets = [b for unit in self.gather.units for b in unit.buckets]
         else:
             self.gather = None
-            self.buckets = size_buckets(groups, name_of, bucket_mb * 2**20, self.world)
+            self.buckets = size_buckets(groups, name_of, bucket_mb * 2**20, replicas_of)
         self.where = {id(p): (b, offset) for b in self.buckets for p, offset in zip(b.params, b.offsets)}
         for b in self.buckets:
             self._lay_out(b)
@@ -356,7 +418,7 @@ class Engine:
 
     def _lay_out(self, b: Bucket) -> None:
         """The bucket's shard (what AdamW steps) and where its gradients accumulate."""
-        lo, hi = b.owned_range(self.rank, replicated=not self.shard_optimizer)
+        lo, hi = b.owned_range(replicated=not self.shard_optimizer)
         b.shard = b.flat[lo:hi]
         if self.shard_parameters:  # the slice is the only copy kept; the full buffer is released right away
             b.shard = b.shard.clone()
@@ -401,12 +463,12 @@ class Engine:
         self.next_launch += 1
         received = None
         if not self.shard_optimizer:
-            work = self.comm.start("all_reduce", b.grad, b.grad)
+            work = self.comm.start("all_reduce", b.grad, b.grad, b.replicas)
         elif not self.shard_gradients:
-            work = self.comm.start("reduce_scatter", b.shard.grad, b.grad)
+            work = self.comm.start("reduce_scatter", b.shard.grad, b.grad, b.replicas)
         else:
             received = torch.empty_like(b.shard)
-            work = self.comm.start("reduce_scatter", received, b.staging)
+            work = self.comm.start("reduce_scatter", received, b.staging, b.replicas)
         self.in_flight.append((work, b, received))
         # Sharded gradients bound the full gradients alive to the two newest buckets: waiting for the older one
         # here lets its staging buffer go while the backward goes on.
@@ -441,14 +503,11 @@ class Engine:
         """Averages, clips on the global norm, steps AdamW on this rank's slices, rebuilds the full parameters
         (sharded optimizer, whole parameters), zeroes the gradients. Returns the global norm before clipping."""
         for b in self.buckets:
-            b.shard.grad /= self.world  # summed over ranks -> mean over the global batch
+            # Summed over ranks -> mean over the global batch. An expert's gradient too is divided by the whole
+            # world: its copies' sum already holds every rank's tokens, which the exchange brought to it.
+            b.shard.grad /= self.world
         scaler.unscale_(self.optimizer)
-        # Norm over the whole gradient vector: each rank holds a disjoint slice (unsharded: all of it, the same
-        # on every rank), and the padding is zeros, so the sum of squared slices adds up to the full norm.
-        sum_sq = torch.stack([b.shard.grad.float().pow(2).sum() for b in self.buckets]).sum()
-        if self.shard_optimizer:
-            self.comm.wait(self.comm.start("all_reduce", sum_sq, sum_sq))
-        norm = sum_sq.sqrt()
+        norm = self.global_norm()
         if grad_clip > 0:
             # As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
             coef = torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
@@ -462,9 +521,24 @@ class Engine:
             (b.shard.grad if self.shard_gradients else b.grad).zero_()
         if self.shard_optimizer and not self.shard_parameters:
             # In place: this rank's slice of the output is the input (NCCL and gloo both allow exactly this alias).
-            for work in [self.comm.start("all_gather", b.flat, b.shard) for b in self.buckets]:
+            for work in [self.comm.start("all_gather", b.flat, b.shard, b.replicas) for b in self.buckets]:
                 self.comm.wait(work)
         return norm
+
+    def global_norm(self) -> torch.Tensor:
+        """The norm of the whole gradient vector. Sharded, each rank holds a disjoint slice and the padding is zeros,
+        so the squared slices of all ranks add up to it. Unsharded, the dense part is the same on every rank, and
+        the experts' part is summed over the expert-parallel group (which holds each expert once)."""
+        squares = [b.shard.grad.float().pow(2).sum() for b in self.buckets]
+        sum_sq = torch.stack([sq for sq, b in zip(squares, self.buckets) if b.replicas is self.dense]).sum()
+        if self.experts is not None:
+            expert_sq = torch.stack([sq for sq, b in zip(squares, self.buckets) if b.replicas is self.experts]).sum()
+            if not self.shard_optimizer:
+                _wait(dist.all_reduce(expert_sq, group=self.experts.shard_group, async_op=True))
+            sum_sq = sum_sq + expert_sq
+        if self.shard_optimizer:
+            self.comm.wait(self.comm.start("all_reduce", sum_sq, sum_sq, self.dense))
+        return sum_sq.sqrt()
 
     def comm_stats(self) -> dict:
         return self.comm.stats()
@@ -473,21 +547,26 @@ class Engine:
         """The ZeRO paper's communication per step per rank (section 7): 2 x params for DDP and stages 1-2
         (reduce-scatter + all-gather = one all-reduce), 3 x params for stage 3 (a second all-gather before the
         backward). Sharded gradients are reduce-scattered (and sharded parameters gathered) every micro-batch."""
-        params = sum(b.numel * b.flat.element_size() for b in self.buckets) * (self.world - 1) / self.world
+        params = sum(b.numel * b.flat.element_size() * (b.replicas.size - 1) / b.replicas.size for b in self.buckets)
         if self.shard_parameters:
             return params * 3 * micro_batches
         return params * (micro_batches + 1 if self.shard_gradients else 2)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def model_state_dict(self) -> dict:
-        """The full model state dict for rank 0 to save; every rank must call it (sharded parameters gather)."""
-        return self.gather.full_state_dict(self.rank) if self.gather else self.model.state_dict()
+        """The full model state dict for rank 0 to save; every rank must call it (sharded parameters gather, and
+        under expert parallelism the experts come together)."""
+        state = self.gather.full_state_dict(self.rank) if self.gather else self.model.state_dict()
+        return gather_experts(state, self.experts, self.rank) if self.experts else state
 
-    def owned_pieces(self):
+    def owned_pieces(self, saving: bool = False):
         """(optimizer tensor, parameter name, start, stop, offset): the flattened elements [start, stop) of each
-        parameter whose AdamW state this rank holds, at offset in that optimizer tensor's state."""
+        parameter whose AdamW state this rank holds, at offset in that optimizer tensor's state. saving: of state
+        held unsharded by several replicas, only the first one's (the others hold the same)."""
         for b in self.buckets:
-            lo, hi = b.owned_range(self.rank, replicated=not self.shard_optimizer)
+            if saving and not self.shard_optimizer and b.replicas.rank != 0:
+                continue
+            lo, hi = b.owned_range(replicated=not self.shard_optimizer)
             for name, start, stop, at in b.pieces(lo, hi):
                 yield b.shard, name, start, stop, at
 
@@ -509,18 +588,15 @@ class ParameterGather:
     (forward and again backward), free them right after, prefetching the next unit so its gather overlaps the
     current block's compute. The model names its blocks (model.blocks()); everything else is the root."""
 
-    def __init__(self, model: torch.nn.Module, groups: list, name_of: dict, comm: Comm):
+    def __init__(self, model: torch.nn.Module, groups: list, name_of: dict, comm: Comm, replicas_of):
         self.model, self.comm = model, comm
         # One unit per block and one for the rest, in the order their gradients are complete: last block first,
         # the root last (a tied embedding's gradient is complete only when the backward reaches wte).
         self.blocks = list(model.blocks())
         in_blocks = {id(p) for block in self.blocks for p in block.parameters()}
         root = [p for p in model.parameters() if id(p) not in in_blocks]
-        self.units = [Unit(split_by_decay(list(block.parameters()), groups, name_of, comm.world))
-                      for block in reversed(self.blocks)] + [Unit(split_by_decay(root, groups, name_of, comm.world))]
-        # All-gathers get their own communicator: they are issued in module order, reduce-scatters in
-        # bucket order, and each communicator needs the same order of calls on every rank.
-        self.group = dist.new_group() if is_distributed() else None
+        self.units = [Unit(split_by_decay(list(block.parameters()), groups, name_of, replicas_of))
+                      for block in reversed(self.blocks)] + [Unit(split_by_decay(root, groups, name_of, replicas_of))]
         self._install_hooks()
 
     def gather(self, unit: Unit) -> None:
@@ -530,7 +606,7 @@ class ParameterGather:
         unit.full = True
         for b in unit.buckets:
             b.flat.untyped_storage().resize_(b.flat.numel() * b.flat.element_size())
-            unit.pending.append(self.comm.start("all_gather", b.flat, b.shard, group=self.group))
+            unit.pending.append(self.comm.start("all_gather", b.flat, b.shard, b.replicas, gather=True))
 
     def wait_gathered(self, unit: Unit) -> None:
         self.gather(unit)
@@ -594,18 +670,20 @@ class ParameterGather:
             block.register_forward_hook(after_block(i))
 
     def full_state_dict(self, rank: int) -> dict:
-        """Gathers one unit at a time and rank 0 copies it to the CPU, so no rank ever holds more than one unit
-        beyond its slices. Other ranks get {} (only rank 0 saves)."""
+        """Gathers one unit at a time and the first of each bucket's replicas copies it to the CPU, so no rank ever
+        holds more than one unit beyond its slices. Rank 0 (the first of all) gets the state dict; another rank
+        the routed experts it is the first copy of, for gather_experts ({} without expert parallelism)."""
         copies = {}
         for unit in self.units:
             self.wait_gathered(unit)
-            if rank == 0:
-                copies |= {id(p): p.detach().to("cpu", copy=True) for b in unit.buckets for p in b.params}
+            copies |= {id(p): p.detach().to("cpu", copy=True)
+                       for b in unit.buckets if b.replicas.rank == 0 for p in b.params}
             self.release(unit)
-        if rank != 0:
-            return {}
         # keep_vars: the Parameters themselves, so a tied matrix (wte.weight, lm_head.weight) finds its one copy.
-        return {k: copies.get(id(v), v) for k, v in self.model.state_dict(keep_vars=True).items()}
+        state = self.model.state_dict(keep_vars=True)
+        if rank != 0:
+            return {k: copies[id(v)] for k, v in state.items() if id(v) in copies}
+        return {k: copies.get(id(v), v) for k, v in state.items()}
 
 
 # ---- optimizer shards: the AdamW state of any layout as pieces of the flattened parameters ------------------
@@ -617,16 +695,14 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def optimizer_state_shard(engine) -> dict:
     """This rank's AdamW state as pieces of the flattened parameters, {name: [(start, exp_avg, exp_avg_sq)]}:
-    independent of buckets, stage and world size, so any layout can rebuild its own slices from it. With the
-    optimizer state unsharded every rank holds the same state: rank 0 saves it."""
+    independent of buckets, stage and world size, so any layout can rebuild its own slices from it. State held
+    unsharded by several ranks (all of them, or an expert's copies) is saved by the first of them."""
     pieces, state = {}, engine.optimizer.state
-    if not engine.shard_optimizer and engine.rank != 0:
-        return {"step": None, "pieces": pieces}
-    for param, name, start, stop, at in engine.owned_pieces():
+    for param, name, start, stop, at in engine.owned_pieces(saving=True):
         here = slice(at, at + stop - start)
         moments = [local_tensor(state[param][key]).reshape(-1)[here].clone() for key in ("exp_avg", "exp_avg_sq")]
         pieces.setdefault(name, []).append((start, *moments))
-    step = float(next(iter(state.values()))["step"])
+    step = float(next(iter(state.values()))["step"]) if pieces else None
     return {"step": step, "pieces": pieces}
 
 
@@ -684,14 +760,28 @@ class FSDP2:
 
     shard_optimizer = True
 
-    def __init__(self, model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple, fused: bool):
+    def __init__(self, model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple, fused: bool,
+                 experts: Replicas | None = None):
+        from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
         name_of = {id(p): name for name, p in model.named_parameters()}
         group_names = [[name_of[id(p)] for p in group["params"]] for group in groups]
+        self.experts, world = experts, dist.get_world_size()
+        if experts is not None:
+            # Each routed expert is sharded over its copies only, and its summed gradient divided by the whole world
+            # (FSDP's default, the mean over its mesh, would count only the copies' share of the tokens).
+            copies = DeviceMesh.from_group(experts.group, "cuda" if torch.cuda.is_available() else "cpu")
+            for moe in model.moe_layers():
+                for expert in moe.experts.values():
+                    fully_shard(expert, mesh=copies)
+                    expert.set_gradient_divide_factor(world)
+                    # gloo has no PREMUL_SUM: a plain sum, then the division. (Not on a mesh of one: torch 2.13's
+                    # FSDP divides twice there, once when it skips the reduce-scatter and once after it.)
+                    expert.set_force_sum_reduction_for_comms(experts.size > 1)
         for block in model.blocks():
             fully_shard(block)
         fully_shard(model)
-        self.model, self.rank, self.world = model, dist.get_rank(), dist.get_world_size()
+        self.model, self.rank, self.world = model, dist.get_rank(), world
         self.params = [p for p in model.parameters() if p.requires_grad]
         # fully_shard replaced the parameters by DTensors: the same groups, found again by name.
         sharded = dict(model.named_parameters())
@@ -709,32 +799,45 @@ class FSDP2:
 
     def step(self, lr: float, grad_clip: float, scaler: torch.amp.GradScaler) -> torch.Tensor:
         scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip if grad_clip > 0 else float("inf"))
+        # The global norm from the local shards: every element of every parameter lives on exactly one rank (the
+        # experts' too, sharded over their copies, different experts in each place of the group), so one all-reduce
+        # of the squared shards gives it. clip_grad_norm_ cannot mix DTensors of two meshes.
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
+        sum_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        _wait(dist.all_reduce(sum_sq, async_op=True))
+        norm = sum_sq.sqrt()
+        if grad_clip > 0:  # as clip_grad_norm_
+            coef = torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm
 
     def comm_stats(self) -> dict:
         return {"comm_bytes": None, "comm_wait_s": None}  # inside FSDP2, not counted here
 
     def theory_bytes(self, micro_batches: int) -> float:
-        params = sum(p.numel() * p.element_size() for p in self.params) * (self.world - 1) / self.world
+        params = sum(p.numel() * p.element_size() * (p.device_mesh.size() - 1) / p.device_mesh.size()
+                     for p in self.params)
         return 3 * micro_batches * params
 
     def model_state_dict(self) -> dict:
-        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
+        return gather_experts(state, self.experts, self.rank) if self.experts else state
 
-    def owned_pieces(self):
-        """As Engine.owned_pieces. FSDP2 gives rank r the rows of torch.chunk(p, world)[r], that is
-        ceil(rows / world) rows from row r * ceil(rows / world): one piece per parameter, at offset 0."""
+    def owned_pieces(self, saving: bool = False):
+        """As Engine.owned_pieces (FSDP2 shards everything). FSDP2 gives the r-th rank of a parameter's mesh the rows
+        of torch.chunk(p, mesh size)[r], that is ceil(rows / size) rows from row r * ceil(rows / size): one piece
+        per parameter, at offset 0."""
         for name, p in self.model.named_parameters():
             if not p.requires_grad:  # frozen (LoRA's base): no AdamW state
                 continue
-            rows = p.shape[0]
-            per_row, chunk = p.numel() // rows, -(-rows // self.world)
-            first, last = min(self.rank * chunk, rows), min((self.rank + 1) * chunk, rows)
+            rows, size, r = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+            per_row, chunk = p.numel() // rows, -(-rows // size)
+            first, last = min(r * chunk, rows), min((r + 1) * chunk, rows)
             if first < last:
                 yield p, name, first * per_row, last * per_row, 0

@@ -43,7 +43,7 @@ from model import ModelConfig, Transformer
 from objectives import distillation_loss
 from parallel import (FSDP2, Engine, all_gather_objects, all_reduce_sum, broadcast_parameters,
                       check_same_on_all_ranks, destroy, init_distributed, load_optimizer_state, on_rank0,
-                      optimizer_state_shard)
+                      optimizer_state_shard, shard_experts)
 from preferences import Preferences
 from rollouts import Policy
 from tasks import TASKS
@@ -85,6 +85,7 @@ dist_timeout_s = 600.0  # a collective waiting longer than this fails instead of
 zero_stage = 0  # 0 DDP, 1 shard optimizer state, 2 + gradients, 3 + parameters (parallel.py)
 parallel = "handwritten"  # or "fsdp2": PyTorch's fully_shard (needs torchrun)
 bucket_mb = 25.0  # gradient bucket size of stages 0-2: big enough to amortise each collective's latency
+expert_parallel = 1  # > 1: groups of this many consecutive ranks share out the routed experts (parallel.py)
 # LoRA (lora.py): lora_rank > 0 trains low-rank adapters on a frozen copy of the init_from run's weights
 lora_rank = 0  # 0: fine-tune (or pretrain) every weight
 lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
@@ -131,8 +132,8 @@ DEFAULTS |= {f.name: f.default if f.default is not MISSING else f.default_factor
 
 # Every numeric training key has a valid range, checked before any work (the model's keys: ModelConfig).
 POSITIVE = ("eval_interval", "eval_iters", "log_interval", "batch_size", "gradient_accumulation_steps",
-            "learning_rate", "dist_timeout_s", "bucket_mb", "lora_alpha", "distill_temperature", "max_new_tokens",
-            "temperature", "ppo_epochs", "eval_problems", "dpo_beta")
+            "learning_rate", "dist_timeout_s", "bucket_mb", "expert_parallel", "lora_alpha", "distill_temperature",
+            "max_new_tokens", "temperature", "ppo_epochs", "eval_problems", "dpo_beta")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank",
                 "task_difficulty", "clip_eps", "cispo_clip", "kl_beta", "dpo_nll_weight")
 
@@ -204,6 +205,23 @@ def check_config(c: dict, world_size: int) -> None:
                          "the language-model objective, without LoRA")
     if c["compile"] and c["zero_stage"] == 3:
         raise SystemExit("compile=True does not go with zero_stage=3, whose hooks free and regather parameter memory")
+    if c["expert_parallel"] > 1:
+        check_expert_parallel(c, world_size)
+
+
+def check_expert_parallel(c: dict, world_size: int) -> None:
+    """expert_parallel > 1: what the groups need of the world, the model and the rest of the run."""
+    E = c["expert_parallel"]
+    if world_size % E:
+        raise SystemExit(f"expert_parallel={E} must divide the number of processes ({world_size}): the ranks form "
+                         "groups of that many")
+    if not c["n_routed_experts"] or c["n_routed_experts"] % E:
+        raise SystemExit(f"expert_parallel={E} shares out the routed experts: n_routed_experts "
+                         f"({c['n_routed_experts']}) must be a positive multiple of it")
+    if c["objective"] not in ("lm", "distill") or c["lora_rank"] or c["compile"]:
+        raise SystemExit("expert_parallel is written for objective='lm' or 'distill', without LoRA and compile: the "
+                         "ranks of a group exchange tokens in every forward, so each must run the same forwards (grpo "
+                         "samples and dpo evaluates a different number on each rank)")
 
 
 def check_post_training_config(c: dict, world_size: int) -> None:
@@ -768,14 +786,17 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
     elif checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     broadcast_parameters(model)
+    # The whole model first, identical everywhere (so a resumed run may use any expert_parallel); then each rank
+    # keeps its share of the routed experts.
+    experts = shard_experts(model, c["expert_parallel"]) if c["expert_parallel"] > 1 else None
     # The engine owns gradients, their communication and AdamW (with weight decay on matrices only, the
     # model's param_groups). The fused kernel does the whole update in one launch on the GPU.
     groups = model.param_groups(c["weight_decay"])
     adamw = dict(lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=device_type == "cuda")
     if c["parallel"] == "fsdp2":
-        engine = FSDP2(model, groups, **adamw)
+        engine = FSDP2(model, groups, **adamw, experts=experts)
     else:
-        engine = Engine(model, groups, c["zero_stage"], bucket_mb=c["bucket_mb"], **adamw)
+        engine = Engine(model, groups, c["zero_stage"], bucket_mb=c["bucket_mb"], **adamw, experts=experts)
     if checkpoint is None:
         # A new run gets a new identity (rank 0's: every rank must save the same one).
         return model, engine, {"iter_num": 0, "best_val_loss": float("inf"),

@@ -766,7 +766,7 @@ def test_moe_routes_and_mixes_like_a_per_token_reference(n_group, topk_group, sc
     for token, route in zip(x.view(-1, 32), routes):
         for e in route:
             expected_load[e] += 1
-        routed = sum(2.5 * w * moe.experts[e](token) for e, w in route.items())
+        routed = sum(2.5 * w * moe.experts[str(e)](token) for e, w in route.items())
         expected.append(routed + moe.shared_experts(token))
     assert torch.equal(moe.gate.load, expected_load)
     assert_close(y.view(-1, 32), torch.stack(expected))
@@ -815,7 +815,7 @@ def test_expert_without_tokens_gets_zero_gradients_and_no_nan():
     assert torch.isfinite(loss)
     for moe in model.moe_layers():
         assert moe.gate.load[3] == 0 and moe.gate.load.sum() == 2 * 12 * 2
-        for name, p in moe.experts[3].named_parameters():
+        for name, p in moe.experts["3"].named_parameters():
             assert p.grad is not None and (p.grad == 0).all(), name  # zeros, so an all-reduce has a tensor to send
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name

@@ -76,6 +76,8 @@ def test_a_hybrid_with_linear_attention_at_stage_3_matches_one_process(tmp_path,
     (["--parallel=fsdp2", "--zero_stage=2"], "zero_stage is for parallel='handwritten'"),
     (["--dtype=float16", "--zero_stage=1"], "dtype=float16 needs the handwritten zero_stage=0"),
     (["--compile=True", "--zero_stage=3"], "compile=True does not go with zero_stage=3"),
+    (["--expert_parallel=2", "--n_routed_experts=4"], "expert_parallel=2 must divide the number of processes (1)"),
+    (["--expert_parallel=0"], "expert_parallel must be positive, got 0"),
 ])
 def test_bad_parallel_settings_are_one_clear_error(args, message):
     result = run(args, check=False)
@@ -85,17 +87,17 @@ def test_bad_parallel_settings_are_one_clear_error(args, message):
 def test_checkpoint_of_two_ranks_resumes_on_three_and_on_one(tmp_path, prepared_data):
     common = [*TINY, f"--data_dir={prepared_data}", "--eval_interval=3", "--gradient_accumulation_steps=6",
               "--bucket_mb=0.02"]
-    run([*common, "--zero_stage=2", f"--out_dir={tmp_path}/straight", "--max_iters=6"], launcher=torchrun(2))
+    run([*common, f"--out_dir={tmp_path}/straight", "--max_iters=6"])  # every stage steps as one process does
     run([*common, "--zero_stage=2", f"--out_dir={tmp_path}/saved", "--max_iters=3"], launcher=torchrun(2))
     assert sorted(n for n in os.listdir(tmp_path / "saved") if n.startswith("optimizer.")) == \
         ["optimizer.3.0-of-2.pt", "optimizer.3.1-of-2.pt"]
-    # Other world sizes and other stages, FSDP2 too: the shards are pieces of the flat parameters, not of buckets.
-    for resumed, args, launcher in [("on3", ["--zero_stage=3"], torchrun(3)), ("on1", ["--zero_stage=0"], (sys.executable,)),
-                                    ("fsdp2", ["--parallel=fsdp2"], torchrun(2))]:
+    # Other world sizes and other stages (FSDP2's resume: the expert-parallel test): the shards are pieces of the
+    # flat parameters, not of buckets.
+    for resumed, args, launcher in [("on3", ["--zero_stage=3"], torchrun(3)), ("on1", ["--zero_stage=0"], (sys.executable,))]:
         shutil.copytree(tmp_path / "saved", tmp_path / resumed)
         run([*common, *args, f"--out_dir={tmp_path}/{resumed}", "--max_iters=6", "--init_from=resume"], launcher=launcher)
     straight = step_losses(tmp_path / "straight")
-    for resumed in ("on3", "on1", "fsdp2"):
+    for resumed in ("on3", "on1"):
         losses = step_losses(tmp_path / resumed)
         assert all(abs(losses[i] - straight[i]) < 1e-5 for i in (4, 5, 6)), (resumed, losses, straight)
     # ckpt.pt holds the whole model whatever the stage: sample.py loads a stage-3 checkpoint of 3 ranks as it is.
@@ -238,6 +240,43 @@ def test_lora_on_two_ranks_matches_one_process_and_keeps_the_base_out_of_the_eng
     shards = [torch.load(tmp_path / "zero2" / f"optimizer.3.{r}-of-2.pt", weights_only=True) for r in (0, 1)]
     names = {name for shard in shards for name in shard["pieces"]}
     assert names == set(weights(tmp_path / "one")), "AdamW state for exactly the adapters"
+
+
+def test_expert_parallel_matches_one_process_at_every_stage_and_resumes_at_other_sizes(tmp_path, prepared_data):
+    # Four ranks in two expert-parallel groups of two: each rank holds 2 of the 4 routed experts, and each expert
+    # has two copies (ranks r and r + 2) that sum its gradient. The routing, the bias updates from the global load
+    # and the clip on the global norm all come out as in one process.
+    common = [*TINY, *MLA_MOE, f"--data_dir={prepared_data}", "--eval_interval=3", "--gradient_accumulation_steps=4",
+              "--grad_clip=0.5", "--bucket_mb=0.02"]
+    run([*common, f"--out_dir={tmp_path}/one", "--max_iters=3"])
+    one = weights(tmp_path / "one")
+    for name, args in [("zero2", ["--zero_stage=2"]), ("zero3", ["--zero_stage=3"]), ("fsdp2", ["--parallel=fsdp2"])]:
+        run([*common, *args, "--expert_parallel=2", f"--out_dir={tmp_path}/{name}", "--max_iters=3"],
+            launcher=torchrun(4))
+        assert_same_weights(one, weights(tmp_path / name), tol=1e-6)  # the checkpoint holds every expert
+        assert step_losses(tmp_path / name) == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
+    # Stage 2's AdamW state: rank r holds slices of its own experts 2 (r % 2) and 2 (r % 2) + 1 only, and with its
+    # copy r + 2 all of them.
+    held = []
+    for r in range(4):
+        shard = torch.load(tmp_path / "zero2" / f"optimizer.3.{r}-of-4.pt", weights_only=True)
+        held.append({name.split(".experts.")[1].split(".")[0] for name in shard["pieces"] if ".experts." in name})
+    for r in (0, 1):
+        assert held[r] | held[r + 2] == {str(2 * r), str(2 * r + 1)}, held
+    with open(tmp_path / "zero2" / "metrics.jsonl") as f:  # the experts' bytes count over their two copies
+        assert all(r["comm_bytes_theory"] <= r["comm_bytes"] < r["comm_bytes_theory"] + 4096
+                   for r in map(json.loads, f) if "loss" in r)
+    # The stage-3 checkpoint of 4 ranks resumed in one process and by FSDP2 on two ranks holding 2 experts each (one
+    # copy): both continue as the one-process run does.
+    shutil.copytree(tmp_path / "one", tmp_path / "straight")
+    run([*common, f"--out_dir={tmp_path}/straight", "--max_iters=6", "--init_from=resume"])
+    for resumed, args, launcher in [("on1", [], (sys.executable,)),
+                                    ("on2", ["--expert_parallel=2", "--parallel=fsdp2"], torchrun(2))]:
+        shutil.copytree(tmp_path / "zero3", tmp_path / resumed)
+        run([*common, *args, f"--out_dir={tmp_path}/{resumed}", "--max_iters=6", "--init_from=resume"],
+            launcher=launcher)
+        losses, straight = step_losses(tmp_path / resumed), step_losses(tmp_path / "straight")
+        assert all(abs(losses[i] - straight[i]) < 1e-5 for i in (4, 5, 6)), (resumed, losses, straight)
 
 
 def test_expert_exchange_sends_rows_to_their_experts_and_back_with_their_gradients():
