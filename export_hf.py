@@ -232,6 +232,8 @@ def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
             continue
+        if name.startswith("mtp."):  # MTP modules train and draft; no transformers class runs them (DeepSeek-V3's
+            continue                 # config counts its MTP layer, and its modeling code drops the weights)
         deepseek = arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
         if deepseek and name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
             tensor = interleave_rope_rows(tensor, c.qk_nope_head_dim + c.qk_rope_head_dim, c.qk_rope_head_dim)

@@ -23,7 +23,7 @@ serve all three, so a padded or cached row computes exactly what it computes alo
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -114,6 +114,11 @@ class ModelConfig:
     # to its own block (causally) and to the moba_topk - 1 earlier blocks whose mean key it scores highest. 0: off.
     moba_chunk_size: int = 0
     moba_topk: int = 3
+    # Multi-token prediction (DeepSeek-V3 section 2.2): mtp_depth modules after the model, the k-th predicting each
+    # token k + 1 places ahead; their mean loss, times mtp_loss_weight, joins the training loss (DeepSeek-V3: depth
+    # 1, weight 0.3, then 0.1). The first also drafts tokens for self-speculative decoding (speculative_generate).
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -122,7 +127,8 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "routed_scaling_factor"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("inter_dim", "moe_inter_dim", "bias_update_rate", "balance_loss_coef"):
+        for name in ("inter_dim", "moe_inter_dim", "bias_update_rate", "balance_loss_coef", "mtp_depth",
+                     "mtp_loss_weight"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -973,6 +979,32 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
 
+class MultiTokenPrediction(nn.Module):
+    """DeepSeek-V3's MTP module k (section 2.2, eq. 21-22): at position i it combines the previous depth's hidden
+    state h^{k-1}_i (the main model's last block output for k = 1) with the embedding of token i + k, the one the
+    previous depth predicted there, and runs one Transformer block:
+
+        h^k_i = Block(W_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]),   p^k_{i+k+1} = Head(RMSNorm(h^k_i))
+
+    Emb and Head are the model's own (shared); the normalisations and W_k (eh_proj) are the module's. Unlike an
+    independent head per offset (Gloeckle et al. 2024), the chain keeps each prediction causal on the ones before.
+    The block is a plain full-attention one with a dense MLP, whatever the main layers are (a one-layer model's)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hnorm, self.enorm = RMSNorm(config.n_embd, config.norm_eps), RMSNorm(config.n_embd, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+        self.block_config = replace(config, n_layer=1, layer_types=["full_attention"], n_routed_experts=0,
+                                    index_n_heads=0, moba_chunk_size=0, mtp_depth=0)
+        self.block = Block(self.block_config, 0)
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)  # before the shared head, as the main model's norm
+
+    def forward(self, h, emb, rope, mask, kv_cache):
+        """h, emb (B, T, n_embd) -> h^k (B, T, n_embd)."""
+        x = self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1))
+        return self.block(x, rope, mask, kv_cache, None)
+
+
 def roll_window(kept, new, keep):
     """A sliding layer's keys (or their realness) this step: the kept ones, then the new, along the last dims
     (..., keep + T, dim) or (B, keep + T); and the last `keep` of them, what the next step can still see."""
@@ -1050,6 +1082,13 @@ class KVCache:
         # The sliding layers' keys this forward: the kept ones, then the new (B, keep + T).
         self.window_keys_real, self.window_is_real = roll_window(self.window_is_real, is_real, self.keep)
         return self.key_is_real[:, : self.length]
+
+    def rewind(self, n):
+        """Forget the last n tokens (a rejected draft of speculative_generate). Full-attention layers only: their
+        stored positions past length are simply written over; a rolling window or a linear state cannot go back."""
+        self.length -= n
+        self.n_real -= self.key_is_real[:, self.length:self.length + n].sum(dim=1)
+        self.key_is_real[:, self.length:self.length + n] = False
 
     def select(self, rows):
         """Keep the rows of the given indices (B',), in that order, repeats allowed: beam search's reorder."""
@@ -1144,14 +1183,23 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self._init_weights()
+        self._init_weights(self.named_parameters())
+        # The MTP modules are built and drawn from a fork of the random state: the main model's weights, and every
+        # draw after them (batches, dropout), are those of the model without them. With the weight at 0 they get no
+        # gradient and stay frozen, so the engine, AdamW and the clip see exactly that model too.
+        with torch.random.fork_rng(devices=[]):
+            self.mtp = nn.ModuleList(MultiTokenPrediction(config) for _ in range(config.mtp_depth))
+            self._init_weights(self.mtp.named_parameters(prefix="mtp"))
+        if config.mtp_loss_weight == 0:
+            self.mtp.requires_grad_(False)
+        self.mtp_ce = None  # set by each training forward with targets (logits_and_loss)
 
-    def _init_weights(self):
+    def _init_weights(self, named_parameters):
         # GPT-2's scheme (as nanoGPT). Each block adds the outputs of wo and w2 to the residual stream, so its
         # variance grows with depth; scaling their init by 1/sqrt(2 * n_layer) (GPT-2 paper, section 2.3)
         # keeps the stream's scale independent of n_layer at initialisation.
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():  # a tied matrix is listed (and initialised) once
+        for name, p in named_parameters:  # a tied matrix is listed (and initialised) once
             if name.endswith(("A_log", "dt_bias", "conv.weight")):
                 continue  # GatedDeltaNet initialises its decays and its convolution itself (see there)
             if name.endswith("attn.sinks"):
@@ -1185,8 +1233,10 @@ class Transformer(nn.Module):
         """Under expert parallelism, the routed experts' parameters: this rank's share, summed over its copies only."""
         return [p for moe in self.moe_layers() if moe.exchange is not None for p in moe.experts.parameters()]
 
-    def forward(self, idx, targets=None, attention_mask=None, kv_cache=None, doc_ids=None):
-        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) are given.
+    def forward(self, idx, targets=None, attention_mask=None, kv_cache=None, doc_ids=None, hidden=False):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) are given
+        (in training with MTP modules, plus mtp_loss_weight times their loss). hidden: also return the last block's
+        output (B, T, n_embd), what the first MTP module reads.
 
         attention_mask (B, T): 1 = real token, 0 = padding (Hugging Face convention), for left-padded batches.
         kv_cache: idx holds only the new tokens; they attend to every cached token and are appended.
@@ -1224,7 +1274,7 @@ class Transformer(nn.Module):
         window_mask = make_attention_mask(kv_cache.window_keys_real, T) if kv_cache is not None and kv_cache.keep else None
         chunk = self.config.moba_chunk_size  # MoBA's blocks, by position (a row's blocks do not move with its padding)
         moba_blocks = (moba_key_blocks(key_is_real, chunk), positions // chunk) if chunk else None
-        return self.logits_and_loss(idx, targets, positions, mask, kv_cache, is_real, window_mask, moba_blocks)
+        return self.logits_and_loss(idx, targets, positions, mask, kv_cache, is_real, window_mask, moba_blocks, hidden)
 
     def forward_packed(self, idx, targets, doc_ids):
         T = idx.size(1)
@@ -1243,7 +1293,8 @@ class Transformer(nn.Module):
         nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return logits, nats / (targets != -100).sum().clamp(min=1) + self.auxiliary_loss()
 
-    def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real, window_mask, moba_blocks=None):
+    def logits_and_loss(self, idx, targets, positions, mask, kv_cache, is_real, window_mask, moba_blocks=None,
+                        hidden=False):
         x = self.wte(idx)  # (B, T, n_embd)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:
@@ -1255,7 +1306,38 @@ class Transformer(nn.Module):
             # float32 log-softmax: bf16 logits would round the loss; -100 marks positions without a target.
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             loss = loss + self.auxiliary_loss()
-        return logits, loss
+            # Plain training windows only (no padding, no cache): there every next-but-k token is the data's.
+            self.mtp_ce = None  # the MTP modules' mean cross-entropy of this forward, for the log
+            if self.training and self.mtp and self.config.mtp_loss_weight > 0 and mask is None and kv_cache is None:
+                mtp = self.mtp_loss(x, idx, targets, rope)
+                self.mtp_ce = mtp.detach()
+                loss = loss + self.config.mtp_loss_weight * mtp
+        return (logits, loss, x) if hidden else (logits, loss)
+
+    def mtp_loss(self, h, idx, targets, rope):
+        """DeepSeek-V3's L_MTP = (1 / D) sum_k CE_k (eq. 23-24). Depth k reads h^{k-1} and the embeddings of the
+        tokens k places ahead, t_{i+k} = idx[:, i + k], at positions i < T - k (the sequence shortens by one per
+        depth), and is scored on t_{i+k+1} = targets[:, i + k]. h (B, T, n_embd): the last block's output."""
+        T, total = idx.size(1), 0.0
+        for k, module in enumerate(self.mtp, start=1):
+            n = T - k
+            if n < 1:
+                break
+            h = module(h[:, :n], self.wte(idx[:, k:]), tuple(r[:, :, :n] for r in rope), None, None)
+            logits = self.lm_head(module.norm(h))  # (B, T - k, vocab)
+            total = total + F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
+        return total / len(self.mtp)
+
+    def draft(self, h, tokens, kv_cache):
+        """The first MTP module on new positions, with a cache of its own: h (B, T, n_embd) the last block's output
+        there and tokens (B, T) the token after each -> logits (B, T, vocab) for the token after that one."""
+        T = tokens.size(1)
+        positions = kv_cache.n_real[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+        key_is_real = kv_cache.append(torch.ones_like(tokens, dtype=torch.bool))
+        mask = make_attention_mask(key_is_real, T) if 1 < T < kv_cache.length else None
+        module = self.mtp[0]
+        x = module(h, self.wte(tokens), self.rope(positions, h.dtype), mask, kv_cache)
+        return self.lm_head(module.norm(x))
 
     def auxiliary_loss(self):
         """What training adds to the language loss (0 when evaluating): alpha times DeepSeek-V3's sequence-wise
@@ -1361,6 +1443,56 @@ class Transformer(nn.Module):
                 return
             tokens = torch.cat((tokens, new[:, None]), dim=1)
             is_real = torch.cat((is_real, torch.ones_like(new[:, None], dtype=torch.bool)), dim=1)
+
+
+@torch.inference_mode()
+def speculative_generate(model, idx, max_new_tokens, stop_ids=(), stats=None):
+    """Greedy decoding of one prompt idx (1, T), the first MTP module drafting (self-speculative decoding, DeepSeek-V3
+    section 5.4.3): yields each new token (1,), exactly those of generate at temperature 0, and counts the drafts and
+    the accepted ones in stats.
+
+    A step feeds the main model two tokens, the newest t and the draft d of the token after it: its logits at t say
+    what truly follows t. If that is d, the draft is accepted and the logits at d give one more token free: two
+    tokens for one forward. If not, the true token is kept and the cache forgets d's position. The draft reads the
+    last block's output at each position and the token after it, so the main model's hidden states of the step feed
+    the next draft; the MTP module has its own KV cache over those positions."""
+    config, block = model.config, model.config.block_size
+    if not model.mtp:
+        raise ValueError("speculative decoding drafts with the model's first MTP module, and this model has none "
+                         "(mtp_depth = 0)")
+    if set(config.layer_types) != {"full_attention"}:
+        raise ValueError("speculative decoding takes a rejected draft back by rewinding the KV cache, which "
+                         "sliding-window and linear-attention layers cannot (their state has forgotten)")
+    if idx.size(0) != 1 or idx.size(1) + max_new_tokens + 1 > block:
+        raise ValueError(f"speculative decoding continues one prompt, which with max_new_tokens and the draft must "
+                         f"fit block_size ({block}): got {idx.size(1)} + {max_new_tokens} + 1 tokens")
+    stats = {} if stats is None else stats
+    stats.setdefault("drafted", 0)
+    stats.setdefault("accepted", 0)
+    cache = KVCache(config, 1, block, device=idx.device)
+    draft_cache = KVCache(model.mtp[0].block_config, 1, block, device=idx.device)
+    logits, _, h = model(idx, kv_cache=cache, hidden=True)
+    token = logits[:, -1].argmax(dim=-1)  # (1,)
+    # The draft's inputs not yet in its cache: each position's hidden state and the token that followed it.
+    pending_h, pending_next = h, torch.cat((idx[:, 1:], token[:, None]), dim=1)
+    new, produced = [token], 0
+    while True:
+        for t in new:
+            yield t
+            produced += 1
+            if int(t) in stop_ids or produced == max_new_tokens:
+                return
+        token = new[-1]
+        draft = model.draft(pending_h, pending_next, draft_cache)[:, -1].argmax(dim=-1)  # (1,)
+        logits, _, h = model(torch.stack((token, draft), dim=1), kv_cache=cache, hidden=True)
+        best = logits.argmax(dim=-1)  # (1, 2): the main model's token after `token`, and after the draft
+        stats["drafted"] += 1
+        if bool(best[0, 0] == draft):
+            stats["accepted"] += 1
+            new, pending_h, pending_next = [draft, best[:, 1]], h, torch.stack((draft, best[:, 1]), dim=1)
+        else:
+            cache.rewind(1)
+            new, pending_h, pending_next = [best[:, 0]], h[:, :1], best[:, :1]
 
 
 @torch.inference_mode()

@@ -5,6 +5,7 @@ sample.py: generate text from a checkpoint written by train.py, streaming tokens
     python sample.py --ckpt out/cpu_demo --prompt_file prompt.txt --num_samples 3 --temperature 0
     python sample.py --ckpt out/cpu_demo --prompt "def " --temperature 0 --num_beams 4 --stop "\n\n"
     python sample.py --ckpt out/cpu_demo --prompts_file prompts.txt --temperature 0   # one batch, a prompt a line
+    python sample.py --ckpt out/mtp --prompt "def " --temperature 0 --speculative   # MTP drafts, the model verifies
 
 The one idea: generation is a loop of "one forward pass, pick one token". With a KV cache each step
 feeds only the newest token (keys and values of the earlier ones are kept), so a step costs the
@@ -21,7 +22,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import resolve_device
-from model import KVCache, beam_search
+from model import KVCache, beam_search, speculative_generate
 from tokenizer import EOS_ID, PAD_ID
 
 
@@ -111,6 +112,8 @@ def parse_args(argv):
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--num_beams", type=int, default=1, help="> 1: beam search (model.beam_search)")
     parser.add_argument("--length_penalty", type=float, default=1.0, help="beam search: > 0 favours longer text")
+    parser.add_argument("--speculative", action="store_true", help="greedy, with the model's first MTP module "
+                        "drafting each next token (model.speculative_generate): the same text, fewer forwards")
     add_sampling_arguments(parser, temperature=0.8)
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)
@@ -119,6 +122,10 @@ def parse_args(argv):
     if args.num_beams > 1 and (args.temperature > 0 or args.repetition_penalty != 1 or args.min_new_tokens):
         parser.error("--num_beams > 1 is beam search, which does not sample and applies no penalty: pass "
                      "--temperature 0, without --repetition_penalty and --min_new_tokens")
+    if args.speculative and (args.temperature > 0 or args.repetition_penalty != 1 or args.min_new_tokens or
+                             args.num_beams > 1 or args.prompts_file):
+        parser.error("--speculative decodes one prompt greedily: pass --temperature 0, without --repetition_penalty, "
+                     "--min_new_tokens, --num_beams and --prompts_file")
     if args.prompts_file and (args.prompt or args.prompt_file or args.num_samples > 1):
         parser.error("--prompts_file gives the prompts, one sample each: without --prompt, --prompt_file and "
                      "--num_samples")
@@ -162,10 +169,13 @@ def left_padded(prompts: list[list[int]], device):
     return idx, is_real
 
 
-def continuations(model, prompts: list[list[int]], args):
+def continuations(model, prompts: list[list[int]], args, stats: dict):
     """Each prompt's new tokens, the prompts left-padded into one batch: (B,) per step, or for beam search each
-    row's whole list at once (a hypothesis is known only at the end)."""
+    row's whole list at once (a hypothesis is known only at the end). stats: speculative decoding's counts."""
     idx, is_real = left_padded(prompts, model.wte.weight.device)
+    if args.speculative:  # the whole continuation stays in the cache (no sliding restart), as in beam search
+        n = min(args.max_new_tokens, model.config.block_size - idx.size(1) - 1)
+        return speculative_generate(model, idx, n, [EOS_ID], stats)
     if args.num_beams > 1:
         n = min(args.max_new_tokens, model.config.block_size - idx.size(1))
         rows = beam_search(model, idx, n, args.num_beams, [EOS_ID], args.length_penalty, attention_mask=is_real)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     limit = model.config.block_size - 1  # leave room for at least one new token in the context
     ids = [prompt_ids(tokenizer, prompt, limit) for prompt in prompts]
 
-    generated, t0 = 0, time.time()
+    generated, t0, stats = 0, time.time(), {}
     for sample in range(args.num_samples):
         if args.num_samples > 1:
             print(f"\n---------- sample {sample + 1} ----------")
@@ -192,13 +202,16 @@ def main(argv: list[str] | None = None) -> None:
         if len(prompts) == 1:
             sys.stdout.write(prompts[0])
         done = [False] * len(prompts)
-        for tokens in continuations(model, ids, args):
-            for row, token in enumerate(tokens.tolist()):
-                if not done[row]:
-                    generated += 1
-                    done[row] = token == EOS_ID or streams[row].add(token)
-            if all(done):
-                break
+        try:
+            for tokens in continuations(model, ids, args, stats):
+                for row, token in enumerate(tokens.tolist()):
+                    if not done[row]:
+                        generated += 1
+                        done[row] = token == EOS_ID or streams[row].add(token)
+                if all(done):
+                    break
+        except ValueError as e:  # what the model cannot do with these settings (speculative_generate's checks)
+            raise SystemExit(f"sample.py: {e}") from None
         if len(prompts) == 1:
             streams[0].finish()
             print()
@@ -206,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"---------- prompt {i + 1} ----------\n{prompt}{stream.text()}")
     seconds = time.time() - t0
     print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s on {device}", file=sys.stderr)
+    if stats.get("drafted"):
+        print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts accepted "
+              f"({stats['accepted'] / stats['drafted']:.1%})", file=sys.stderr)
     # What each token of context costs in the KV cache, all layers: the number that caps batch x context.
     dtype = model.wte.weight.dtype
     fixed = KVCache.bytes_per_sequence(model.config, dtype)  # what does not grow: linear states, sliding windows

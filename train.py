@@ -460,6 +460,8 @@ def micro_batch_loss(train_model, model: Transformer, teacher, own_data, data: T
         parts = torch.zeros(2, device=loss.device)
         if model.indexed_layers():  # DSA: the indexers' KL, which the loss includes
             parts[1] = model.indexer_kl().detach()
+        if model.mtp_ce is not None:  # MTP: its modules' mean cross-entropy, before the weight
+            parts[0] = model.mtp_ce
     else:
         loss, parts = teacher.loss(train_model, model, x, y, doc_ids, it)
     if data.packs is None:
@@ -868,6 +870,8 @@ def main(argv: list[str]) -> None:
         on_rank0(lambda: trim_metrics(c["out_dir"], progress["iter_num"]))
     train_model = torch.compile(model) if c["compile"] else model
     moe, dsa = len(model.moe_layers()) > 0, teacher is None and own_data is None and bool(model.indexed_layers())
+    mtp = teacher is None and own_data is None and data.packs is None and bool(model.mtp) and \
+        model_config.mtp_loss_weight > 0
     flops_per_token, peak = model.estimate_flops(), peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     comm_theory = engine.theory_bytes(accum_steps)
@@ -934,7 +938,7 @@ def main(argv: list[str]) -> None:
             dt = time.time() - t0  # .item() above waited for the device, so this is the real step time (sampling too)
             tokens_per_s = (tokens_per_iter if own_data is None else own_data.step_tokens) / dt
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
-            if teacher is not None or own_data is not None or dsa:
+            if teacher is not None or own_data is not None or dsa or mtp:
                 parts = (all_reduce_sum(parts_sum) / world_size).tolist()
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -943,6 +947,8 @@ def main(argv: list[str]) -> None:
                           **comm, "comm_bytes_theory": comm_theory}  # per rank, this step
                 if dsa:  # the indexers' KL to the attention they steer, summed over the layers
                     record["indexer_kl"] = parts[1]
+                if mtp:  # the MTP modules' mean cross-entropy (loss includes mtp_loss_weight times it)
+                    record["mtp_loss"] = parts[0]
                 if teacher is not None:  # the schedule as applied, and both terms (means over the global batch)
                     record |= {"distill_alpha": teacher.alpha(iter_num - 1), "ce": parts[0], "kl": parts[1]}
                 if own_data is not None:  # the step's round of replies and the loss's metrics (token means)

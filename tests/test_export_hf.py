@@ -45,7 +45,8 @@ FAMILIES = {
     "llama_qkv_bias": (dict(qkv_bias=True, tie_embeddings=False), "LlamaForCausalLM"),
     "mla_with_q_lora": ({**MLA, "q_lora_rank": 24}, "DeepseekV3ForCausalLM"),
     "mla_without_q_lora": ({**MLA, "tie_embeddings": False}, "DeepseekV3ForCausalLM"),
-    "mla_moe_shared_groups_sigmoid": ({**MLA, **MOE}, "DeepseekV3ForCausalLM"),
+    # With an MTP module, which the export leaves out (it only trains and drafts): the main model is exported.
+    "mla_moe_shared_groups_sigmoid": ({**MLA, **MOE, "mtp_depth": 1}, "DeepseekV3ForCausalLM"),
     # DeepSeek Sparse Attention, 6 keys chosen of up to 24. 16 index heads: a key scores exactly 0 only where all 16
     # ReLUs are 0, so no tie sits at a top-k boundary here (at one, transformers' topk may take another tied key).
     "ministral_sliding_then_full": (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5),

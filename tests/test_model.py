@@ -984,3 +984,77 @@ def test_packed_documents_compute_what_each_computes_alone(impl, arch):
     assert_close(loss.double(), torch.stack(nats).sum() / (targets != -100).sum(), atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="doc_ids is for packed training windows"):
         model(idx, doc_ids=doc_ids, attention_mask=torch.ones_like(idx))
+
+
+# ---- multi-token prediction (DeepSeek-V3 section 2.2) and self-speculative decoding ---------------------------------
+
+def test_mtp_loss_is_deepseeks_chain_computed_position_by_position():
+    # The reference runs each module on every prefix separately: h^k_i from the prefix of positions 0..i of h^{k-1}
+    # and of the embeddings of tokens 1+k-1 .. i+k, its logits scored on token i + k + 1. Any look past i, any
+    # misaligned shift or target, would differ.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, mtp_depth=2, mtp_loss_weight=0.25)).double().train()
+    idx, targets = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    targets[0, 6] = -100  # an ignored target inside a depth's span
+    logits, loss, h = model(idx, targets, hidden=True)
+    T, ces = idx.size(1), []
+    for k, module in enumerate(model.mtp, start=1):
+        rows = []
+        for i in range(T - k):
+            positions = torch.arange(i + 1).expand(2, -1)
+            rows.append(module(h[:, :i + 1], model.wte(idx[:, k:k + i + 1]), model.rope(positions, h.dtype), None,
+                               None)[:, -1])
+        h = torch.stack(rows, dim=1)  # (B, T - k, n_embd)
+        ces.append(F.cross_entropy(model.lm_head(module.norm(h)).flatten(0, 1), targets[:, k:].flatten(),
+                                   ignore_index=-100))
+    expected = sum(ces) / 2  # (the model's cross-entropies are taken in float32, as every loss of it)
+    torch.testing.assert_close(model.mtp_ce.double(), expected, rtol=0, atol=1e-6)
+    main = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss.double(), main.double() + 0.25 * expected, rtol=0, atol=1e-6)
+    model.eval()  # evaluation scores the main model alone
+    assert torch.equal(model(idx, targets)[1], main)
+
+
+def test_mtp_at_weight_0_leaves_the_model_its_random_draws_and_its_loss_unchanged():
+    torch.manual_seed(3)
+    plain = Transformer(ModelConfig(**TINY))
+    after_plain = torch.rand(4)
+    torch.manual_seed(3)
+    with_mtp = Transformer(ModelConfig(**TINY, mtp_depth=1, mtp_loss_weight=0.0))
+    assert torch.equal(torch.rand(4), after_plain)  # the MTP modules drew from a fork
+    mtp_names = [n for n, _ in with_mtp.named_parameters() if n.startswith("mtp.")]
+    assert mtp_names and not any(p.requires_grad for n, p in with_mtp.named_parameters() if n.startswith("mtp."))
+    state = with_mtp.state_dict()
+    assert all(torch.equal(p, state[n]) for n, p in plain.state_dict().items())
+    idx, targets = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    assert torch.equal(plain.train()(idx, targets)[1], with_mtp.train()(idx, targets)[1])
+    weighted = Transformer(ModelConfig(**TINY, mtp_depth=1, mtp_loss_weight=0.3)).train()
+    weighted.load_state_dict(state)
+    assert weighted(idx, targets)[1] > plain(idx, targets)[1]  # 0.3 times a positive cross-entropy more
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe"])
+def test_speculative_greedy_decoding_is_plain_greedy_decoding(arch):
+    # Weights scaled up so that the random model's continuations vary and its draft is sometimes right: both the
+    # accepted and the rejected path run. float64, so that a 2-token forward and a 1-token one agree on every argmax.
+    from model import speculative_generate
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, "vocab_size": 6, "block_size": 64}, **ARCHS[arch], mtp_depth=1))
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    stats = {}
+    for seed in range(4):
+        idx = torch.randint(0, 6, (1, 5), generator=torch.Generator().manual_seed(seed))
+        plain = torch.cat(list(model.generate(idx, 40, temperature=0)))
+        assert torch.equal(torch.cat(list(speculative_generate(model, idx, 40, stats=stats))), plain)
+        stop = int(plain[20])  # a stop id ends both at its first appearance
+        assert torch.equal(torch.cat(list(speculative_generate(model, idx, 40, stop_ids=[stop]))),
+                           torch.cat(list(model.generate(idx, 40, temperature=0, stop_ids=[stop]))))
+    assert 0 < stats["accepted"] < stats["drafted"], stats
+    with pytest.raises(ValueError, match="has none"):
+        next(speculative_generate(Transformer(ModelConfig(**TINY)), idx, 4))
+    with pytest.raises(ValueError, match="cannot"):
+        next(speculative_generate(Transformer(ModelConfig(**TINY, **ARCHS["sliding"], mtp_depth=1)), idx, 4))

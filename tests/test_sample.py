@@ -1,5 +1,6 @@
 """sample.py: what it prints is what the model predicts, and bad input gets one clear sentence."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -162,3 +163,27 @@ def test_a_prompts_file_is_one_left_padded_batch_that_continues_each_line_as_alo
     assert refused("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "prompts.txt"), "--num_samples", "2") == "2"
     assert "--prompts_file gives the prompts" in capsys.readouterr().err
     assert "cannot read --prompts_file" in refused("--ckpt", trained_ckpt, "--prompts_file", str(tmp_path / "missing.txt"))
+
+
+def test_speculative_decoding_prints_the_greedy_text_and_its_acceptance(prepared_data, trained_ckpt, tmp_path):
+    # A tiny model trained with one MTP module (train.py logs the module's cross-entropy, which must fall): its
+    # self-speculative greedy text is the plain greedy text, and the acceptance rate is printed.
+    out = tmp_path / "mtp"
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={prepared_data}", f"--out_dir={out}",
+                    "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--batch_size=8",
+                    "--max_iters=60", "--eval_interval=60", "--eval_iters=2", "--warmup_iters=5",
+                    "--lr_decay_iters=60", "--learning_rate=3e-3", "--mtp_depth=1", "--log_interval=1"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    with open(out / "metrics.jsonl") as f:
+        mtp = [r["mtp_loss"] for r in map(json.loads, f) if "loss" in r]
+    assert len(mtp) == 60 and sum(mtp[-5:]) < sum(mtp[:5]) - 5 * 1.0, mtp
+    common = ["--ckpt", str(out), "--prompt", "def __init__(self", "--temperature", "0", "--max_new_tokens", "40"]
+    plain, speculative = sample(*common), sample(*common, "--speculative")
+    assert plain.returncode == 0 and speculative.returncode == 0, speculative.stderr
+    assert speculative.stdout == plain.stdout and len(plain.stdout) > len("def __init__(self") + 10
+    accepted = [line for line in speculative.stderr.splitlines() if line.startswith("speculative: ")]
+    assert len(accepted) == 1 and " drafts accepted (" in accepted[0], speculative.stderr
+    refusal = sample("--ckpt", trained_ckpt, "--prompt", "x", "--temperature", "0", "--speculative")
+    assert refusal.returncode == 1 and "has none (mtp_depth = 0)" in refusal.stderr and "Traceback" not in refusal.stderr
+    refusal = sample(*common[:4], "--speculative")  # sampling at sample.py's default temperature
+    assert refusal.returncode == 2 and "--speculative decodes one prompt greedily" in refusal.stderr
