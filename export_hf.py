@@ -41,6 +41,7 @@ config.json last: a folder with a config.json is complete.
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -127,6 +128,8 @@ def hf_architecture(config: ModelConfig) -> str:
         raise ValueError("MoBA's block attention: no transformers class computes it")
     if "linear_attention" in config.layer_types or config.qk_norm or config.attn_output_gate:
         return qwen3_next_architecture(config)
+    if config.moe_shortcut or config.zero_expert_num:
+        return longcat_architecture(config)
     if config.n_routed_experts and config.scoring_func != "sigmoid":
         raise ValueError("transformers' DeepSeek-style routers (DeepseekV3, Glm4Moe) score experts with a sigmoid, "
                          f"not {config.scoring_func}")
@@ -138,6 +141,18 @@ def hf_architecture(config: ModelConfig) -> str:
     # Qwen2Tokenizer (NFC, a byte-level pre-tokenizer), whatever tokenizer_config.json names, and our tokenizer
     # would be lost. Llama's attention_bias, with o_proj biases of zero (hf_state_dict), is the same function.
     return "LlamaForCausalLM"
+
+
+def longcat_architecture(config: ModelConfig) -> str:
+    """LongCat-Flash is the one class with shortcut layers and zero experts, and it fixes the rest: MLA with a query
+    latent, a softmax router without groups or renormalisation, no shared experts."""
+    if not (config.moe_shortcut and config.attn == "mla" and config.q_lora_rank):
+        raise ValueError("zero experts and shortcut layers: transformers computes them in LongCat-Flash only, whose "
+                         "every layer is a shortcut layer (moe_shortcut) with MLA and a query latent (q_lora_rank)")
+    if config.scoring_func != "softmax" or config.norm_topk_prob or config.n_group > 1 or config.n_shared_experts:
+        raise ValueError("LongCat-Flash's router is a softmax over the experts, its chosen weights not renormalised "
+                         "(norm_topk_prob=False), without groups or shared experts")
+    return "LongcatFlashForCausalLM"
 
 
 def qwen3_next_architecture(config: ModelConfig) -> str:
@@ -198,6 +213,16 @@ def hf_config(config: ModelConfig, arch: str) -> dict:
                "linear_key_head_dim": config.linear_key_head_dim,
                "linear_value_head_dim": config.linear_value_head_dim,
                "linear_conv_kernel_dim": config.linear_conv_kernel_dim, "num_experts": 0, "mlp_only_layers": []}
+    elif arch == "LongcatFlashForCausalLM":  # each of num_layers layers has two attention sublayers
+        del hf["num_hidden_layers"], hf["n_group"], hf["topk_group"], hf["norm_topk_prob"], hf["first_k_dense_replace"]
+        hf |= {"model_type": "longcat_flash", "num_layers": config.n_layer, "ffn_hidden_size": config.inter_dim,
+               "expert_ffn_hidden_size": config.moe_inter_dim, "moe_topk": config.num_experts_per_tok,
+               "zero_expert_num": config.zero_expert_num, "num_key_value_heads": config.n_head,
+               "q_lora_rank": config.q_lora_rank, "kv_lora_rank": config.kv_lora_rank,
+               "qk_nope_head_dim": config.qk_nope_head_dim, "qk_rope_head_dim": config.qk_rope_head_dim,
+               "head_dim": config.qk_rope_head_dim, "v_head_dim": config.v_head_dim, "attention_bias": False}
+        for key in ("n_shared_experts", "intermediate_size", "moe_intermediate_size", "num_experts_per_tok"):
+            del hf[key]
     elif arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM"):
         hf |= {"model_type": "deepseek_v3", "num_key_value_heads": config.n_head,  # MLA: every head its own key
                "q_lora_rank": config.q_lora_rank or None, "kv_lora_rank": config.kv_lora_rank,
@@ -225,19 +250,28 @@ def interleave_rope_rows(weight: torch.Tensor, period: int, rope_dim: int) -> to
 
 def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Our weights under transformers' names. A tied lm_head is left out: tie_word_embeddings reties it."""
-    c = model.config
     if arch == "Qwen3NextForCausalLM":
         return qwen3_next_state_dict(model)
+    if arch == "LongcatFlashForCausalLM":
+        return longcat_state_dict(model)
+    return generic_state_dict(model, arch)
+
+
+def generic_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
+    """Each of our tensors under its transformers name (HF_NAMES, part by part), DeepSeek's interleaved RoPE rows."""
+    c = model.config
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
             continue
         if name.startswith("mtp."):  # MTP modules train and draft; no transformers class runs them (DeepSeek-V3's
             continue                 # config counts its MTP layer, and its modeling code drops the weights)
-        deepseek = arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
-        if deepseek and name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
+        # MLA's own projections (layers.i.attn.wq_b, or a shortcut layer's layers.i.attn.0.wq_b), not the indexer's.
+        deepseek = arch in ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "LongcatFlashForCausalLM") and \
+            ".indexer." not in name
+        if deepseek and name.endswith((".wq.weight", ".wq_b.weight")):
             tensor = interleave_rope_rows(tensor, c.qk_nope_head_dim + c.qk_rope_head_dim, c.qk_rope_head_dim)
-        elif deepseek and name.endswith("attn.wkv_a.weight"):
+        elif deepseek and name.endswith(".wkv_a.weight"):
             tensor = interleave_rope_rows(tensor, c.kv_lora_rank + c.qk_rope_head_dim, c.qk_rope_head_dim)
         outer, indexer, inner = name.partition(".indexer.")  # the indexer's own names are DeepSeek's, as ours
         hf_name = ".".join(HF_NAMES.get(part, part) for part in outer.split(".")) + indexer + inner
@@ -246,6 +280,33 @@ def hf_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
         out[hf_name if hf_name.startswith("lm_head") else "model." + hf_name] = tensor.detach().contiguous()
         if arch == "LlamaForCausalLM" and name.endswith("attn.wq.bias"):  # attention_bias puts one on o_proj too
             out["model." + hf_name.replace("q_proj", "o_proj")] = torch.zeros(c.n_embd, dtype=tensor.dtype)
+    return out
+
+
+def longcat_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """LongcatFlashForCausalLM's weights: the generic names, each layer's experts stacked (gate_up_proj rows are
+    [w1; w3], down_proj is w2), the router as mlp.router.classifier. LongCat's MLA multiplies the query by
+    sqrt(hidden / q_lora_rank) and the normalised key latent by sqrt(hidden / kv_lora_rank) (LoRA scaling); ours
+    does not, so the export divides them out of q_b_proj and of kv_a_layernorm's gain: the same function."""
+    c = model.config
+    q_scale, kv_scale = math.sqrt(c.n_embd / c.q_lora_rank), math.sqrt(c.n_embd / c.kv_lora_rank)
+    out = {}
+    for name, tensor in generic_state_dict(model, "LongcatFlashForCausalLM").items():
+        layer, _, rest = name.partition(".mlp.")
+        if ".experts." in name or rest == "gate.weight":
+            continue
+        if rest == "gate.e_score_correction_bias":
+            name = f"{layer}.mlp.router.e_score_correction_bias"
+        elif name.endswith("q_b_proj.weight"):
+            tensor = tensor / q_scale
+        elif name.endswith("kv_a_layernorm.weight"):
+            tensor = tensor / kv_scale
+        out[name] = tensor
+    for i, block in enumerate(model.layers):
+        experts, at = list(block.ffn.experts.values()), f"model.layers.{i}.mlp."
+        out[at + "router.classifier.weight"] = block.ffn.gate.weight.detach()
+        out[at + "experts.gate_up_proj"] = torch.stack([torch.cat((e.w1.weight, e.w3.weight)) for e in experts]).detach()
+        out[at + "experts.down_proj"] = torch.stack([e.w2.weight for e in experts]).detach()
     return out
 
 

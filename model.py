@@ -24,6 +24,7 @@ serve all three, so a padded or cached row computes exactly what it computes alo
 import math
 import warnings
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -94,6 +95,12 @@ class ModelConfig:
     first_k_dense_replace: int = 1  # the first layers keep the dense MLP (DeepSeek-V3: 3 of 61)
     bias_update_rate: float = 1e-3  # gamma of auxiliary-loss-free balancing (DeepSeek-V3's value)
     balance_loss_coef: float = 0.0  # alpha of the sequence-wise balance loss; 0 = off (DeepSeek-V3: 1e-4)
+    # LongCat-Flash (Meituan 2025): zero-computation experts the router may choose beside the routed ones (a token
+    # sent to one passes unchanged, times its weight: no compute, no travel), and ScMoE's shortcut layer (Cai et al.
+    # 2024, "Shortcut-connected Expert Parallelism"): with moe_shortcut each layer has two attention sublayers and two
+    # dense MLPs, and its MoE reads the input of the first dense MLP while its sum joins at the end of the layer.
+    zero_expert_num: int = 0
+    moe_shortcut: bool = False
     # Linear attention (linear_attention.py: Gated DeltaNet), with transformers' Qwen3-Next names. layer_types gives
     # each layer's mixer, "full_attention" (attn above) or "linear_attention"; left empty, every
     # full_attention_interval-th layer is full and the others linear: 1 (the default) is all full attention,
@@ -128,7 +135,7 @@ class ModelConfig:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ("inter_dim", "moe_inter_dim", "bias_update_rate", "balance_loss_coef", "mtp_depth",
-                     "mtp_loss_weight"):
+                     "mtp_loss_weight", "zero_expert_num"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -167,7 +174,13 @@ class ModelConfig:
             self.inter_dim = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_routed_experts:
             self._check_moe()
+        elif self.zero_expert_num or self.moe_shortcut:
+            raise ValueError("zero_expert_num and moe_shortcut are MoE options: set n_routed_experts")
         self._check_layer_types()
+        if self.moe_shortcut and (set(self.layer_types) != {"full_attention"} or self.first_k_dense_replace or
+                                  self.index_n_heads):
+            raise ValueError("moe_shortcut makes every layer LongCat-Flash's (two full-attention sublayers, two dense "
+                             "MLPs, one MoE): with full-attention layers only, first_k_dense_replace=0 and no DSA")
 
     def _check_rope_scaling(self):
         if not self.rope_scaling:
@@ -226,8 +239,11 @@ class ModelConfig:
         E, k, groups = self.n_routed_experts, self.num_experts_per_tok, self.n_group
         if E < 0 or self.n_shared_experts < 0:
             raise ValueError("n_routed_experts and n_shared_experts must be >= 0")
-        if not 1 <= k <= E:
-            raise ValueError(f"num_experts_per_tok must be between 1 and n_routed_experts ({E}), got {k}")
+        if not 1 <= k <= E + self.zero_expert_num:
+            raise ValueError(f"num_experts_per_tok must be between 1 and n_routed_experts + zero_expert_num "
+                             f"({E + self.zero_expert_num}), got {k}")
+        if self.zero_expert_num and groups > 1:
+            raise ValueError("zero_expert_num with n_group > 1: the zero experts belong to no group")
         if groups < 1 or E % groups:
             raise ValueError(f"n_group ({groups}) must divide n_routed_experts ({E})")
         if groups > 1 and E // groups < 2:
@@ -242,6 +258,12 @@ class ModelConfig:
         if self.moe_inter_dim == 0:
             # A token's experts (routed and shared) together are as wide as the dense MLP: same active parameters.
             self.moe_inter_dim = self.inter_dim // (k + self.n_shared_experts)
+
+    @property
+    def attention_types(self):
+        """Each attention sublayer's kind, in order (the KV cache's slots): layer_types, each twice with
+        moe_shortcut, whose layers have two."""
+        return [kind for kind in self.layer_types for _ in range(2 if self.moe_shortcut else 1)]
 
     @property
     def head_dim(self):
@@ -837,11 +859,14 @@ class Gate(nn.Module):
         self.k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
         self.scoring_func, self.norm_topk_prob = config.scoring_func, config.norm_topk_prob
         self.routed_scaling_factor, self.bias_update_rate = config.routed_scaling_factor, config.bias_update_rate
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.n_embd))
+        # The zero experts (if any) are the last rows: the router scores them as any other, and balancing moves
+        # their bias too, which is how LongCat-Flash steers the compute a token gets.
+        n = config.n_routed_experts + config.zero_expert_num
+        self.weight = nn.Parameter(torch.empty(n, config.n_embd))
         # Buffers, not parameters: no gradient moves them. bias is part of the trained model (saved, exported);
         # load counts the tokens routed to each expert since the last update (training forwards only).
-        self.register_buffer("bias", torch.zeros(config.n_routed_experts))
-        self.register_buffer("load", torch.zeros(config.n_routed_experts), persistent=False)
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("load", torch.zeros(n), persistent=False)
 
     def forward(self, x):
         """x (N, n_embd) -> weights (N, k), experts (N, k), scores (N, n_routed_experts)."""
@@ -894,6 +919,7 @@ class MoE(nn.Module):
         # The shared experts are one MLP of their summed width: the same function, one matmul each.
         n_shared = config.n_shared_experts
         self.shared_experts = MLP(config.n_embd, n_shared * config.moe_inter_dim) if n_shared else None
+        self.zero_expert_num = config.zero_expert_num
         self.exchange = None  # a parallel.ExpertExchange once shard_experts kept this rank's share
         self.balance_loss = None  # set by each training forward, read by Transformer.forward
 
@@ -905,30 +931,56 @@ class MoE(nn.Module):
         self.exchange = exchange
 
     def forward(self, x):
+        """x (B, T, D) -> (B, T, D). A standard MoE layer runs its three steps back to back; ScMoE's layer
+        (ShortcutBlock) computes its dense path between them while the rows travel."""
+        routed = self.start(x)
+        self.run_experts(routed)
+        return self.finish(routed)
+
+    def start(self, x):
+        """Route x (B, T, D) and send the rows to their experts (under expert parallelism, to the experts' ranks:
+        the rows travel until run_experts)."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)
-        weights, experts, scores = self.gate(x)  # (N, k), (N, k), (N, n_routed_experts)
+        weights, experts, scores = self.gate(x)  # (N, k), (N, k), (N, n_routed_experts + zero_expert_num)
         k = experts.size(1)
         pairs = experts.flatten().argsort(stable=True)  # (N * k,) indices of (token, slot) pairs, grouped by expert
         tokens = pairs // k
-        counts = torch.bincount(experts.flatten(), minlength=scores.size(1))  # (n_routed_experts,)
-        sizes = counts.tolist()
+        counts = torch.bincount(experts.flatten(), minlength=scores.size(1))
+        sizes = counts.tolist()[:scores.size(1) - self.zero_expert_num]  # the routed experts' runs
+        routed = sum(sizes)  # pairs sorted after these went to zero experts
         # (N * k, D), each expert's rows contiguous. Gathered expert by expert: x's gradient then sums the experts'
         # parts in the order it always has (one gather for all of them rounds the last bits of it differently).
-        rows = torch.cat([x[run] for run in tokens.split(sizes)])
+        rows = torch.cat([x[run] for run in tokens[:routed].split(sizes)])
+        if self.exchange is not None:
+            self.exchange.send(rows, counts[:len(sizes)])
+        return SimpleNamespace(x=x, shape=(B, T, D), weights=weights, experts=experts, scores=scores, pairs=pairs,
+                               tokens=tokens, sizes=sizes, routed=routed, rows=rows)
+
+    def run_experts(self, r):
+        """This rank's experts on the rows routed to them (waiting for them to arrive), the outputs sent home."""
         if self.exchange is None:
-            out = self.run_experts(rows, sizes)
-        else:  # to the experts' ranks, through this rank's experts, and back in the order sent
-            arrived, local_counts = self.exchange.dispatch(rows, counts)
-            out = self.exchange.combine(self.run_experts(arrived, local_counts))
-        y = torch.zeros_like(x).index_add_(0, tokens, (out * weights.flatten()[pairs, None]).to(x.dtype))
+            r.out = self.run_local(r.rows, r.sizes)
+        else:
+            self.exchange.send_back(self.run_local(*self.exchange.receive()))
+
+    def finish(self, r):
+        """The routed outputs (waiting for them to come home) weighted and summed at their tokens, plus the zero
+        experts' tokens as they are and the shared experts."""
+        out = r.out if self.exchange is None else self.exchange.receive_back()
+        x, weight = r.x, r.weights.flatten()[r.pairs]
+        y = torch.zeros_like(x).index_add_(0, r.tokens[:r.routed], (out * weight[:r.routed, None]).to(x.dtype))
+        if r.routed < len(r.pairs):  # zero-computation experts (LongCat-Flash): the identity, weighted
+            identity = r.tokens[r.routed:]
+            y = y.index_add(0, identity, (x[identity] * weight[r.routed:, None]).to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if self.training:
-            self.balance_loss = self.sequence_balance_loss(experts.view(B, T * k), scores.view(B, T, -1))
-        return y.view(B, T, D)
+            B, T, _ = r.shape
+            self.balance_loss = self.sequence_balance_loss(r.experts.view(B, -1), r.scores.view(B, T, -1))
+        return y.view(r.shape)
 
-    def run_experts(self, rows, counts):
+    def run_local(self, rows, counts):
         """rows (n, D) grouped by this rank's experts, counts[i] of them for the i-th -> their outputs (n, D)."""
         outs = [expert(run) for expert, run, count in zip(self.experts.values(), rows.split(counts), counts)
                 if count or torch.is_grad_enabled()]  # an empty run still defines the expert's (zero) gradient
@@ -979,6 +1031,47 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
 
+class ShortcutBlock(nn.Module):
+    """LongCat-Flash's layer, ScMoE (Cai et al. 2024, "Shortcut-connected Expert Parallelism"): two pre-norm
+    attention + dense MLP sublayers, and one MoE that reads the first dense MLP's input and joins the residual
+    stream only at the end of the layer:
+
+        h = x + Attn_0(norm(x));   u = norm(h);   route u, send its rows to the experts
+        h = h + MLP_0(u);   h = h + Attn_1(norm(h))        while the rows travel
+        run the experts, send their outputs home;   h = h + MLP_1(norm(h))        while they travel back
+        out = h + MoE(u)
+
+    The MoE's input is older than the place its output is used, and that is the point: under expert parallelism the
+    dispatch and the combine overlap dense compute, where a standard MoE layer must wait for both."""
+
+    linear = windowed = False  # what Transformer asks of a Block: every sublayer here is full attention
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        norm = lambda: RMSNorm(config.n_embd, config.norm_eps)  # noqa: E731
+        attention = MLA if config.attn == "mla" else Attention
+        self.attn_norm, self.ffn_norm = nn.ModuleList([norm(), norm()]), nn.ModuleList([norm(), norm()])
+        self.attn = nn.ModuleList(attention(config, 2 * layer_id + i) for i in (0, 1))  # its KV cache slots
+        self.mlps = nn.ModuleList(MLP(config.n_embd, config.inter_dim) for _ in (0, 1))
+        self.ffn = MoE(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, kv_cache, is_real, moba_blocks=None):
+        def attend(i, x):
+            h = self.attn_norm[i](x)
+            extra = () if moba_blocks is None else (moba_blocks,)
+            return self.resid_dropout(self.attn[i](h, rope, mask, kv_cache, *extra))
+
+        x = x + attend(0, x)
+        u = self.ffn_norm[0](x)
+        routed = self.ffn.start(u)
+        x = x + self.resid_dropout(self.mlps[0](u))
+        x = x + attend(1, x)
+        self.ffn.run_experts(routed)
+        x = x + self.resid_dropout(self.mlps[1](self.ffn_norm[1](x)))
+        return x + self.resid_dropout(self.ffn.finish(routed))
+
+
 class MultiTokenPrediction(nn.Module):
     """DeepSeek-V3's MTP module k (section 2.2, eq. 21-22): at position i it combines the previous depth's hidden
     state h^{k-1}_i (the main model's last block output for k = 1) with the embedding of token i + k, the one the
@@ -995,7 +1088,8 @@ class MultiTokenPrediction(nn.Module):
         self.hnorm, self.enorm = RMSNorm(config.n_embd, config.norm_eps), RMSNorm(config.n_embd, config.norm_eps)
         self.eh_proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
         self.block_config = replace(config, n_layer=1, layer_types=["full_attention"], n_routed_experts=0,
-                                    index_n_heads=0, moba_chunk_size=0, mtp_depth=0)
+                                    index_n_heads=0, moba_chunk_size=0, mtp_depth=0, zero_expert_num=0,
+                                    moe_shortcut=False)
         self.block = Block(self.block_config, 0)
         self.norm = RMSNorm(config.n_embd, config.norm_eps)  # before the shared head, as the main model's norm
 
@@ -1035,7 +1129,7 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, max_len, device=None):
-        kinds = [kind for kind in config.layer_types if kind != "linear_attention"]  # by cache slot
+        kinds = [kind for kind in config.attention_types if kind != "linear_attention"]  # by cache slot
         self.full = {slot: i for i, slot in enumerate(s for s, kind in enumerate(kinds) if kind == "full_attention")}
         self.n_layer, self.max_len = len(self.full), max_len
         self.tensors = None  # the full layers', allocated by the first update(), in its dtype (bf16 under autocast)
@@ -1059,7 +1153,7 @@ class KVCache:
     @staticmethod
     def bytes_per_token(config, dtype=torch.float32):
         """Cache size of one token over the full-attention layers: the number that limits batch size times context."""
-        return config.layer_types.count("full_attention") * KVCache.bytes_per_position(config, dtype)
+        return config.attention_types.count("full_attention") * KVCache.bytes_per_position(config, dtype)
 
     @staticmethod
     def bytes_per_sequence(config, dtype=torch.float32):
@@ -1178,7 +1272,8 @@ class Transformer(nn.Module):
         # Padding is handled by attention_mask instead.
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.rope = RotaryEmbedding(config.rope_dim, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(Block(config, layer_id) for layer_id in range(config.n_layer))
+        layer = ShortcutBlock if config.moe_shortcut else Block
+        self.layers = nn.ModuleList(layer(config, layer_id) for layer_id in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -1198,7 +1293,7 @@ class Transformer(nn.Module):
         # GPT-2's scheme (as nanoGPT). Each block adds the outputs of wo and w2 to the residual stream, so its
         # variance grows with depth; scaling their init by 1/sqrt(2 * n_layer) (GPT-2 paper, section 2.3)
         # keeps the stream's scale independent of n_layer at initialisation.
-        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        resid_std = 0.02 / math.sqrt(2 * len(self.config.attention_types))  # two adds per attention sublayer
         for name, p in named_parameters:  # a tied matrix is listed (and initialised) once
             if name.endswith(("A_log", "dt_bias", "conv.weight")):
                 continue  # GatedDeltaNet initialises its decays and its convolution itself (see there)
@@ -1228,6 +1323,12 @@ class Transformer(nn.Module):
 
     def moe_layers(self):
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
+
+    def exchange_stats(self):
+        """Under expert parallelism: the bytes of rows every MoE layer's exchange sent to other ranks, and the
+        seconds it waited for rows to arrive, since the last call."""
+        stats = [moe.exchange.stats() for moe in self.moe_layers()]
+        return {"expert_bytes": sum(s["bytes"] for s in stats), "expert_wait_s": sum(s["wait_s"] for s in stats)}
 
     def sharded_expert_parameters(self):
         """Under expert parallelism, the routed experts' parameters: this rank's share, summed over its copies only."""
@@ -1371,7 +1472,8 @@ class Transformer(nn.Module):
     def unused_expert_params(self):
         """Parameters of the routed experts a token skips: all but num_experts_per_tok of them in each MoE layer."""
         c = self.config
-        return len(self.moe_layers()) * (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.n_embd * c.moe_inter_dim
+        unused = max(c.n_routed_experts - c.num_experts_per_tok, 0)  # (zero experts, if chosen, leave more unused)
+        return len(self.moe_layers()) * unused * 3 * c.n_embd * c.moe_inter_dim
 
     def num_params(self, non_embedding=True, active=False):
         """Parameter count, a tied matrix counted once. non_embedding drops wte (the lookup costs no FLOPs);
@@ -1391,7 +1493,7 @@ class Transformer(nn.Module):
         d_qk, d_v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.head_dim,) * 2
         # Keys a query sees, summed over the softmax-attention layers (a sliding layer's window at most).
         seen = sum(min(c.sliding_window, c.block_size) if kind == "sliding_attention" else c.block_size
-                   for kind in c.layer_types if kind != "linear_attention")
+                   for kind in c.attention_types if kind != "linear_attention")
         full = c.n_head * (d_qk + d_v) * seen
         # A linear layer per token and head: reading and writing S (2 d_k d_v each) and the chunk's own scores and
         # solve (about chunk (d_k + d_v)), whatever the context.

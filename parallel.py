@@ -160,19 +160,21 @@ class AllToAll(torch.autograd.Function):
     """Rows exchanged between the ranks of a group: this rank sends its next send[j] rows to rank j and receives
     recv[j] rows from each rank j, in rank order (all_to_all_single with split sizes). The exchange is its own
     transpose, so its backward is the same exchange with send and recv swapped: each received row's gradient goes
-    back to the rank, and the place, it came from."""
+    back to the rank, and the place, it came from. The forward only starts the exchange: its output is filled once
+    exchange.wait() has returned, and until then the caller may compute something else."""
 
     @staticmethod
-    def forward(ctx, rows, send, recv, group):
-        ctx.send, ctx.recv, ctx.group = send, recv, group
+    def forward(ctx, rows, send, recv, exchange):
+        ctx.send, ctx.recv, ctx.exchange = send, recv, exchange
         out = rows.new_empty(sum(recv), *rows.shape[1:])
-        _wait(dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group, async_op=True))
+        exchange.start(out, rows.contiguous(), recv, send)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
-        _wait(dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group, async_op=True))
+        ctx.exchange.start(back, grad.contiguous(), ctx.send, ctx.recv)
+        ctx.exchange.wait()
         return back, None, None, None
 
 
@@ -180,34 +182,64 @@ class ExpertExchange:
     """One MoE layer's round trip over an expert-parallel group of E ranks, rank r holding routed experts
     r * experts_per_rank .. (r + 1) * experts_per_rank - 1.
 
-    dispatch: this rank's (token, slot) rows, sorted by expert, with counts (n_experts,) per expert. The counts go
-    first (an all-to-all of E x experts_per_rank numbers), so each rank knows how many rows it will receive from whom
-    for which of its experts; then the rows. They arrive grouped by source rank, and within it by expert; a stable
-    sort by local expert groups them for the experts, each a contiguous run. combine: the experts' outputs, in that
-    order, are put back in arrival order and sent home, where they come back in the order dispatch was given. An
-    expert that gets no rows runs on an empty run: nothing waits for it, and its gradient is zeros, not missing."""
+    send: this rank's (token, slot) rows, sorted by expert, with counts (n_experts,) per expert. The counts go first
+    (an all-to-all of E x experts_per_rank numbers), so each rank knows how many rows it will receive from whom for
+    which of its experts; then the rows start travelling. receive waits for them: they arrive grouped by source rank,
+    and within it by expert, and a stable sort by local expert groups them for the experts, each a contiguous run.
+    send_back and receive_back: the experts' outputs, in that order, put back in arrival order and sent home, where
+    they come back in the order send was given. Between a send and its receive the caller computes what does not
+    need the rows (ScMoE's dense path), and wait_s counts only the time still left to wait. An expert that gets no
+    rows runs on an empty run: nothing waits for it, and its gradient is zeros, not missing."""
 
     def __init__(self, experts_per_rank: int, group=None):
         self.experts_per_rank, self.group = experts_per_rank, group
-        self.world = dist.get_world_size(group)
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.work, self.overlap = None, True  # overlap=False waits at once: the synchronous schedule
+        self.bytes_sent, self.wait_s = 0, 0.0  # rows sent to other ranks (forward and backward), time blocked
 
-    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """rows (n, d) sorted by expert, counts (n_experts,) int64 -> the rows for this rank's experts, grouped by
-        expert (m, d), and how many each of them got (experts_per_rank,)."""
+    def start(self, out: torch.Tensor, rows: torch.Tensor, recv: list, send: list) -> None:
+        self.bytes_sent += (sum(send) - send[self.rank]) * rows[0].numel() * rows.element_size() if len(rows) else 0
+        self.work = dist.all_to_all_single(out, rows, recv, send, group=self.group, async_op=True)
+        if not self.overlap:
+            self.wait()
+
+    def wait(self) -> None:
+        if self.work is not None:
+            t0 = time.perf_counter()
+            _wait(self.work)
+            self.wait_s += time.perf_counter() - t0
+            self.work = None
+
+    def send(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
+        """rows (n, d) sorted by expert, counts (n_experts,) int64: start them towards their experts' ranks."""
         received = torch.empty_like(counts)
         _wait(dist.all_to_all_single(received, counts, group=self.group, async_op=True))
-        received = received.view(self.world, self.experts_per_rank)  # [source rank, local expert]
-        self.send = counts.view(self.world, self.experts_per_rank).sum(dim=1).tolist()
-        self.recv = received.sum(dim=1).tolist()
-        arrived = AllToAll.apply(rows, self.send, self.recv, self.group)  # by source rank, then expert
-        expert_of = torch.arange(self.experts_per_rank, device=rows.device).repeat(self.world)
-        self.order = expert_of.repeat_interleave(received.flatten()).argsort(stable=True)
-        return arrived[self.order], received.sum(dim=0).tolist()
+        self.received = received.view(self.world, self.experts_per_rank)  # [source rank, local expert]
+        self.to_ranks = counts.view(self.world, self.experts_per_rank).sum(dim=1).tolist()
+        self.from_ranks = self.received.sum(dim=1).tolist()
+        self.arrived = AllToAll.apply(rows, self.to_ranks, self.from_ranks, self)  # by source rank, then expert
 
-    def combine(self, outputs: torch.Tensor) -> torch.Tensor:
-        """The experts' outputs (m, d), in dispatch's order -> this rank's rows back, in the order it dispatched."""
-        in_arrival_order = outputs[torch.argsort(self.order)]
-        return AllToAll.apply(in_arrival_order, self.recv, self.send, self.group)
+    def receive(self) -> tuple[torch.Tensor, list]:
+        """-> the rows for this rank's experts, grouped by expert (m, d), and how many each got (experts_per_rank,)."""
+        self.wait()
+        expert_of = torch.arange(self.experts_per_rank, device=self.arrived.device).repeat(self.world)
+        self.order = expert_of.repeat_interleave(self.received.flatten()).argsort(stable=True)
+        return self.arrived[self.order], self.received.sum(dim=0).tolist()
+
+    def send_back(self, outputs: torch.Tensor) -> None:
+        """The experts' outputs (m, d), in receive's order: start them home."""
+        self.returned = AllToAll.apply(outputs[torch.argsort(self.order)], self.from_ranks, self.to_ranks, self)
+
+    def receive_back(self) -> torch.Tensor:
+        """-> this rank's rows back (n, d), in the order they were sent."""
+        self.wait()
+        return self.returned
+
+    def stats(self) -> dict:
+        """Bytes of rows sent and seconds waited since the last call."""
+        stats = {"bytes": self.bytes_sent, "wait_s": self.wait_s}
+        self.bytes_sent, self.wait_s = 0, 0.0
+        return stats
 
 
 class Replicas:

@@ -811,6 +811,21 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
                            "run_id": run_id, "base": base and base["record"], "teacher": checkpoint.get("teacher")}
 
 
+def expert_exchange_record(model: Transformer, local_load: torch.Tensor, c: dict, rank: int, world_size: int) -> dict:
+    """This step's expert-parallel traffic, means over the ranks: the bytes of rows the exchanges sent, against the
+    count the routing implies, and the seconds they waited. Each (token, slot) pair routed to an expert on another
+    rank travels there and back, and its gradient both ways again: 4 rows of n_embd numbers (float32 here; under bf16
+    autocast the outputs travel in bf16 and the count is high). local_load (n_moe_layers, experts): this rank's pairs
+    per expert. (Summed over the ranks the two counts must be equal: a rank sends for the pairs of others too.)"""
+    E, n = c["expert_parallel"], c["n_routed_experts"]
+    mine = slice((rank % E) * n // E, (rank % E + 1) * n // E)
+    away = local_load[:, :n].sum() - local_load[:, mine].sum()
+    stats = model.exchange_stats()
+    sums = all_reduce_sum(torch.tensor([stats["expert_bytes"], float(away) * 4 * c["n_embd"] * 4, stats["expert_wait_s"]],
+                                       dtype=torch.float64)) / world_size
+    return {"expert_bytes": sums[0].item(), "expert_bytes_theory": sums[1].item(), "expert_wait_s": sums[2].item()}
+
+
 def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> None:
     """Rank 0, before the first step: the run's settings and size on stdout, its config.json and the tokenizer in
     out_dir (an out_dir then carries all that sample.py needs)."""
@@ -872,6 +887,7 @@ def main(argv: list[str]) -> None:
     moe, dsa = len(model.moe_layers()) > 0, teacher is None and own_data is None and bool(model.indexed_layers())
     mtp = teacher is None and own_data is None and data.packs is None and bool(model.mtp) and \
         model_config.mtp_loss_weight > 0
+    experts = c["expert_parallel"] > 1  # the exchanges' bytes and waits are logged
     flops_per_token, peak = model.estimate_flops(), peak_flops(device_type, ptdtype)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     comm_theory = engine.theory_bytes(accum_steps)
@@ -906,6 +922,8 @@ def main(argv: list[str]) -> None:
 
         t0 = time.time()
         engine.comm_stats()  # count this step's traffic only, not the evaluation's
+        if experts:
+            model.exchange_stats()
         loss_sum = torch.zeros((), device=device)
         parts_sum = 0  # the objective's metrics (distillation's ce and kl, grpo's), weighted as the loss is
         for micro_step in range(accum_steps):
@@ -926,7 +944,8 @@ def main(argv: list[str]) -> None:
         if moe:
             # Auxiliary-loss-free balancing (model.Gate) from the tokens each expert got in this step's whole
             # global batch: summed over the ranks, so every replica moves its biases identically.
-            expert_load = all_reduce_sum(model.expert_load())
+            local_load = model.expert_load()
+            expert_load = all_reduce_sum(local_load.clone())
             model.update_expert_bias(expert_load)
         iter_num += 1
         bar.update(1)
@@ -940,6 +959,8 @@ def main(argv: list[str]) -> None:
             mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
             if teacher is not None or own_data is not None or dsa or mtp:
                 parts = (all_reduce_sum(parts_sum) / world_size).tolist()
+            if experts:
+                expert_traffic = expert_exchange_record(model, local_load, c, rank, world_size)
             if master:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 record = {"iter": iter_num, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
@@ -953,6 +974,8 @@ def main(argv: list[str]) -> None:
                     record |= {"distill_alpha": teacher.alpha(iter_num - 1), "ce": parts[0], "kl": parts[1]}
                 if own_data is not None:  # the step's round of replies and the loss's metrics (token means)
                     record |= own_data.record(parts)
+                if experts:
+                    record |= expert_traffic
                 if moe:  # per MoE layer, the busiest expert's tokens over the mean: 1.0 is perfectly balanced
                     record["expert_load_max_over_mean"] = (expert_load.max(dim=1).values / expert_load.mean(dim=1)).tolist()
                 log_metrics(c["out_dir"], record)

@@ -54,6 +54,13 @@ FAMILIES = {
     "mla_dsa": ({**MLA, **DSA}, "DeepseekV32ForCausalLM"),
     "mla_dsa_moe_untied": ({**MLA, **MOE, **DSA, "tie_embeddings": False}, "DeepseekV32ForCausalLM"),
     "gqa_moe": ({**MOE, "qkv_bias": True, "first_k_dense_replace": 0, "norm_topk_prob": False}, "Glm4MoeForCausalLM"),
+    # ScMoE's shortcut layers (two MLA sublayers each) and LongCat-Flash's router: a softmax over 6 routed and 3 zero
+    # experts, 3 chosen, weights not renormalised.
+    "longcat_shortcut_zero_experts": ({**MLA, "q_lora_rank": 24, "n_routed_experts": 6, "zero_expert_num": 3,
+                                       "num_experts_per_tok": 3, "n_shared_experts": 0, "moe_inter_dim": 16,
+                                       "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 2.0,
+                                       "first_k_dense_replace": 0, "moe_shortcut": True, "tie_embeddings": False},
+                                      "LongcatFlashForCausalLM"),
 }
 ORIGINAL = 8  # RoPE scaling: "trained" on 8 positions, compared on 24
 ROPE_SCALINGS = {
@@ -253,6 +260,9 @@ def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
     (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, **MOE), "Ministral"),
     (dict(attention_sinks=True), "gpt-oss"),
     (dict(moba_chunk_size=4), "MoBA"),
+    ({**MOE, "n_group": 1, "topk_group": 1, "zero_expert_num": 2}, "LongCat-Flash only"),
+    (dict(**MOE, first_k_dense_replace=0, moe_shortcut=True), "LongCat-Flash only"),
+    (dict(**MLA, **MOE, q_lora_rank=8, first_k_dense_replace=0, moe_shortcut=True), "a softmax over the experts"),
 ])
 def test_what_no_class_computes_is_refused_with_the_reason(overrides, reason):
     with pytest.raises(ValueError, match=reason):

@@ -40,7 +40,11 @@ ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **
          # DeepSeek Sparse Attention: 4 keys chosen of up to 16.
          "dsa": dict(**MLA_TINY, index_n_heads=4, index_head_dim=8, index_topk=4),
          # MoBA: blocks of 4 keys, each query its own and the best earlier one.
-         "moba": dict(moba_chunk_size=4, moba_topk=2)}
+         "moba": dict(moba_chunk_size=4, moba_topk=2),
+         # LongCat-Flash: ScMoE's shortcut layers (two attention sublayers each) and its router with 2 zero experts.
+         "scmoe": dict(**MLA_TINY, n_routed_experts=6, n_shared_experts=0, num_experts_per_tok=3, zero_expert_num=2,
+                       moe_inter_dim=16, scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=2.0,
+                       first_k_dense_replace=0, moe_shortcut=True)}
 assert_close = torch.testing.assert_close
 
 
@@ -257,7 +261,7 @@ def test_attention_matches_float64_brute_force(impl):
     assert (got[0, :, 0] == 0).all()
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "scmoe"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_changing_a_future_token_keeps_earlier_logits(impl, arch):
     model = make_model(attn_impl=impl, **ARCHS[arch])
@@ -313,7 +317,8 @@ def test_padding_rows_output_zeros_and_gradients_stay_finite(impl, arch):
         assert (out[mask == 1] != 0).any()
 
 
-@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear", "sliding", "sliding_mla", "dsa", "moba"])
+@pytest.mark.parametrize("arch", ["gqa", "mla", "moe", "hybrid", "linear", "sliding", "sliding_mla", "dsa", "moba",
+                                  "scmoe"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_left_padded_rows_match_unpadded_rows(impl, arch):
     model = make_model(attn_impl=impl, **ARCHS[arch])
@@ -331,7 +336,7 @@ def test_left_padded_rows_match_unpadded_rows(impl, arch):
 @pytest.mark.parametrize("chunks", [[4, 1, 1, 1, 1, 1, 1], [6, 4]], ids=["token_by_token", "two_chunks"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear", "sliding", "sliding_mla",
-                                  "dsa", "moba"])
+                                  "dsa", "moba", "scmoe"])
 def test_cached_logits_match_uncached(impl, chunks, padded, arch):
     # For MLA this is the absorbed path (latent cache) against the naive one (no cache).
     model = lively_model(attn_impl=impl, **ARCHS[arch])
@@ -371,7 +376,7 @@ def greedy_with_uncached_forwards(model, idx, n_tokens, attention_mask=None):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("prompt_len", [5, 20])  # block_size is 16: 20 starts beyond it
-@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe", "sliding_mla", "dsa", "moba"])
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "hybrid_mla_moe", "sliding_mla", "dsa", "moba", "scmoe"])
 def test_greedy_generate_matches_uncached_forwards_past_block_size(impl, prompt_len, arch):
     model = lively_model(attn_impl=impl, **ARCHS[arch])
     idx = torch.randint(0, 64, (2, prompt_len))
@@ -770,6 +775,25 @@ def test_moe_routes_and_mixes_like_a_per_token_reference(n_group, topk_group, sc
         expected.append(routed + moe.shared_experts(token))
     assert torch.equal(moe.gate.load, expected_load)
     assert_close(y.view(-1, 32), torch.stack(expected))
+
+
+def test_zero_experts_pass_their_tokens_through_weighted_as_longcat_routes():
+    # LongCat-Flash's router: a softmax over 8 routed and 4 zero experts, the top 3 of the biased scores, weighted
+    # by their unnormalised scores times the scale. A zero expert's output is its token itself.
+    moe = moe_layer(n_group=1, topk_group=1, scoring_func="softmax", norm_topk_prob=False, zero_expert_num=4,
+                    num_experts_per_tok=3, routed_scaling_factor=2.0, n_shared_experts=0).train()
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    y = moe(x)
+    scores = (x.view(-1, 32) @ moe.gate.weight.t()).softmax(dim=-1)  # (21, 12)
+    expected, chosen_zero, chosen_routed = [], 0, 0
+    for token, s in zip(x.view(-1, 32), scores):
+        chosen = (s + moe.gate.bias).topk(3).indices.tolist()
+        chosen_zero += sum(e >= 8 for e in chosen)
+        chosen_routed += sum(e < 8 for e in chosen)
+        expected.append(sum(2.0 * s[e] * (moe.experts[str(e)](token) if e < 8 else token) for e in chosen))
+    assert chosen_zero > 0 and chosen_routed > 0
+    assert_close(y.view(-1, 32), torch.stack(expected))
+    assert moe.gate.load.sum() == 21 * 3 and moe.gate.load[8:].sum() == chosen_zero
 
 
 def test_expert_bias_is_a_buffer_that_stays_put():

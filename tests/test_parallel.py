@@ -264,8 +264,10 @@ def test_expert_parallel_matches_one_process_at_every_stage_and_resumes_at_other
     for r in (0, 1):
         assert held[r] | held[r + 2] == {str(2 * r), str(2 * r + 1)}, held
     with open(tmp_path / "zero2" / "metrics.jsonl") as f:  # the experts' bytes count over their two copies
-        assert all(r["comm_bytes_theory"] <= r["comm_bytes"] < r["comm_bytes_theory"] + 4096
-                   for r in map(json.loads, f) if "loss" in r)
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    assert all(r["comm_bytes_theory"] <= r["comm_bytes"] < r["comm_bytes_theory"] + 4096 for r in records)
+    # The rows the exchanges sent are those the routing implies (4 trips of each pair sent away), to the byte.
+    assert all(r["expert_bytes"] == r["expert_bytes_theory"] > 0 and r["expert_wait_s"] >= 0 for r in records)
     # The stage-3 checkpoint of 4 ranks resumed in one process and by FSDP2 on two ranks holding 2 experts each (one
     # copy): both continue as the one-process run does.
     shutil.copytree(tmp_path / "one", tmp_path / "straight")
@@ -279,22 +281,30 @@ def test_expert_parallel_matches_one_process_at_every_stage_and_resumes_at_other
         assert all(abs(losses[i] - straight[i]) < 1e-5 for i in (4, 5, 6)), (resumed, losses, straight)
 
 
+def run_this_file(ranks, *mode) -> str:
+    """This file as a torchrun script (its __main__ part) on `ranks` processes: their stdout."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([*torchrun(ranks), os.path.abspath(__file__), *mode], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 def test_expert_exchange_sends_rows_to_their_experts_and_back_with_their_gradients():
     # Two ranks, two of four experts each, different numbers of rows, an expert that gets none: outputs, gradients of
     # the rows, and each expert's gradient (the sum over every rank's rows routed to it) equal one process's.
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    result = subprocess.run([*torchrun(2), os.path.abspath(__file__), "experts"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("experts ok") == 2
+    assert run_this_file(2, "experts").count("experts ok") == 2
+
+
+def test_shortcut_moe_over_two_ranks_is_one_process_and_its_overlap_changes_nothing():
+    # LongCat-Flash layers with zero experts, the routed experts split over 2 ranks: logits and every gradient equal
+    # the whole model's on each rank (experts' summed over the ranks), and the asynchronous schedule (dense compute
+    # while rows travel) gives exactly what waiting at once gives.
+    assert run_this_file(2, "shortcut").count("shortcut ok") == 2
 
 
 def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    result = subprocess.run([*torchrun(3), os.path.abspath(__file__)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("stage ok") == 3 * 4
+    assert run_this_file(3).count("stage ok") == 3 * 4
 
 
 # ---- the torchrun script: every stage against plain AdamW, with odd sizes and a parameter that sometimes gets no gradient
@@ -439,9 +449,10 @@ def check_expert_exchange():
     local = weights[2 * rank:2 * rank + 2].clone().requires_grad_()
     order = experts.argsort(stable=True)
     exchange = parallel.ExpertExchange(2)
-    arrived, counts = exchange.dispatch(rows[order], torch.bincount(experts, minlength=4))
-    outputs = torch.cat([run @ w.T for run, w in zip(arrived.split(counts), local)])
-    back = exchange.combine(outputs)[torch.argsort(order)]
+    exchange.send(rows[order], torch.bincount(experts, minlength=4))
+    arrived, counts = exchange.receive()
+    exchange.send_back(torch.cat([run @ w.T for run, w in zip(arrived.split(counts), local)]))
+    back = exchange.receive_back()[torch.argsort(order)]
     (back * weigh).sum().backward()
     torch.testing.assert_close(back, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(rows.grad, expected_rows_grad, rtol=0, atol=1e-12)
@@ -451,5 +462,46 @@ def check_expert_exchange():
     parallel.destroy()
 
 
+def check_shortcut_moe():
+    import parallel
+    from model import ModelConfig, Transformer
+
+    parallel.init_distributed()
+    rank = torch.distributed.get_rank()
+    config = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                         n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=3, zero_expert_num=2,
+                         moe_inter_dim=16, scoring_func="softmax", norm_topk_prob=False, first_k_dense_replace=0,
+                         moe_shortcut=True)
+    torch.manual_seed(0)
+    whole = Transformer(config).double().train()  # the same weights on both ranks
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))  # each rank its own batch
+    whole(idx, idx)[1].backward()
+    # An expert's gradient on its rank sums every rank's tokens: the whole model's, summed over the ranks.
+    expected = {n: parallel.all_reduce_sum(p.grad.clone()) if ".experts." in n else p.grad.clone()
+                for n, p in whole.named_parameters()}
+    sharded = Transformer(config).double().train()
+    sharded.load_state_dict(whole.state_dict())
+    parallel.shard_experts(sharded, 2)
+    results = []
+    for overlap in (True, False):
+        for moe in sharded.moe_layers():
+            moe.exchange.overlap = overlap
+        sharded.zero_grad()
+        logits, loss = sharded(idx, idx)
+        loss.backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in sharded.named_parameters()}))
+    (logits, grads), (logits_sync, grads_sync) = results
+    assert torch.equal(logits, logits_sync) and all(torch.equal(grads[n], grads_sync[n]) for n in grads)
+    torch.testing.assert_close(logits, whole(idx)[0], rtol=0, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=1e-12, msg=name)
+    assert {n.split(".experts.")[1].split(".")[0] for n in grads if ".experts." in n} == {str(2 * rank), str(2 * rank + 1)}
+    stats = [moe.exchange.stats() for moe in sharded.moe_layers()]
+    assert all(s["bytes"] > 0 and s["wait_s"] >= 0 for s in stats)
+    print("shortcut ok", flush=True)
+    parallel.destroy()
+
+
 if __name__ == "__main__":
-    check_expert_exchange() if sys.argv[1:] == ["experts"] else check_every_stage()
+    {"experts": check_expert_exchange, "shortcut": check_shortcut_moe}.get(sys.argv[1] if sys.argv[1:] else "",
+                                                                          check_every_stage)()
