@@ -1328,7 +1328,8 @@ class Transformer(nn.Module):
         """Under expert parallelism: the bytes of rows every MoE layer's exchange sent to other ranks, and the
         seconds it waited for rows to arrive, since the last call."""
         stats = [moe.exchange.stats() for moe in self.moe_layers()]
-        return {"expert_bytes": sum(s["bytes"] for s in stats), "expert_wait_s": sum(s["wait_s"] for s in stats)}
+        waits = {phase: sum(s["wait_s"][phase] for s in stats) for phase in stats[0]["wait_s"]}
+        return {"expert_bytes": sum(s["bytes"] for s in stats), **{f"expert_wait_{k}_s": v for k, v in waits.items()}}
 
     def sharded_expert_parameters(self):
         """Under expert parallelism, the routed experts' parameters: this rank's share, summed over its copies only."""

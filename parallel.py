@@ -164,18 +164,18 @@ class AllToAll(torch.autograd.Function):
     exchange.wait() has returned, and until then the caller may compute something else."""
 
     @staticmethod
-    def forward(ctx, rows, send, recv, exchange):
+    def forward(ctx, rows, send, recv, exchange, phase):
         ctx.send, ctx.recv, ctx.exchange = send, recv, exchange
         out = rows.new_empty(sum(recv), *rows.shape[1:])
-        exchange.start(out, rows.contiguous(), recv, send)
+        exchange.start(out, rows.contiguous(), recv, send, phase)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
-        ctx.exchange.start(back, grad.contiguous(), ctx.send, ctx.recv)
+        ctx.exchange.start(back, grad.contiguous(), ctx.send, ctx.recv, "backward")
         ctx.exchange.wait()
-        return back, None, None, None
+        return back, None, None, None, None
 
 
 class ExpertExchange:
@@ -195,11 +195,12 @@ class ExpertExchange:
         self.experts_per_rank, self.group = experts_per_rank, group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.work, self.overlap = None, True  # overlap=False waits at once: the synchronous schedule
-        self.bytes_sent, self.wait_s = 0, 0.0  # rows sent to other ranks (forward and backward), time blocked
+        self.bytes_sent = 0  # rows sent to other ranks, forward and backward
+        self.wait_s = dict.fromkeys(("dispatch", "combine", "backward"), 0.0)  # time blocked, by exchange
 
-    def start(self, out: torch.Tensor, rows: torch.Tensor, recv: list, send: list) -> None:
+    def start(self, out: torch.Tensor, rows: torch.Tensor, recv: list, send: list, phase: str) -> None:
         self.bytes_sent += (sum(send) - send[self.rank]) * rows[0].numel() * rows.element_size() if len(rows) else 0
-        self.work = dist.all_to_all_single(out, rows, recv, send, group=self.group, async_op=True)
+        self.work, self.phase = dist.all_to_all_single(out, rows, recv, send, group=self.group, async_op=True), phase
         if not self.overlap:
             self.wait()
 
@@ -207,7 +208,7 @@ class ExpertExchange:
         if self.work is not None:
             t0 = time.perf_counter()
             _wait(self.work)
-            self.wait_s += time.perf_counter() - t0
+            self.wait_s[self.phase] += time.perf_counter() - t0
             self.work = None
 
     def send(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
@@ -217,7 +218,7 @@ class ExpertExchange:
         self.received = received.view(self.world, self.experts_per_rank)  # [source rank, local expert]
         self.to_ranks = counts.view(self.world, self.experts_per_rank).sum(dim=1).tolist()
         self.from_ranks = self.received.sum(dim=1).tolist()
-        self.arrived = AllToAll.apply(rows, self.to_ranks, self.from_ranks, self)  # by source rank, then expert
+        self.arrived = AllToAll.apply(rows, self.to_ranks, self.from_ranks, self, "dispatch")  # by rank, expert
 
     def receive(self) -> tuple[torch.Tensor, list]:
         """-> the rows for this rank's experts, grouped by expert (m, d), and how many each got (experts_per_rank,)."""
@@ -228,7 +229,8 @@ class ExpertExchange:
 
     def send_back(self, outputs: torch.Tensor) -> None:
         """The experts' outputs (m, d), in receive's order: start them home."""
-        self.returned = AllToAll.apply(outputs[torch.argsort(self.order)], self.from_ranks, self.to_ranks, self)
+        self.returned = AllToAll.apply(outputs[torch.argsort(self.order)], self.from_ranks, self.to_ranks, self,
+                                       "combine")
 
     def receive_back(self) -> torch.Tensor:
         """-> this rank's rows back (n, d), in the order they were sent."""
@@ -236,9 +238,10 @@ class ExpertExchange:
         return self.returned
 
     def stats(self) -> dict:
-        """Bytes of rows sent and seconds waited since the last call."""
+        """Bytes of rows sent and seconds waited (by exchange: the forward's dispatch and combine, the backward's)
+        since the last call."""
         stats = {"bytes": self.bytes_sent, "wait_s": self.wait_s}
-        self.bytes_sent, self.wait_s = 0, 0.0
+        self.bytes_sent, self.wait_s = 0, dict.fromkeys(self.wait_s, 0.0)
         return stats
 
 

@@ -813,17 +813,16 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
 
 def expert_exchange_record(model: Transformer, local_load: torch.Tensor, c: dict, rank: int, world_size: int) -> dict:
     """This step's expert-parallel traffic, means over the ranks: the bytes of rows the exchanges sent, against the
-    count the routing implies, and the seconds they waited. Each (token, slot) pair routed to an expert on another
+    count the routing implies, and the seconds they waited (the forward's dispatch and combine, the backward). Each (token, slot) pair routed to an expert on another
     rank travels there and back, and its gradient both ways again: 4 rows of n_embd numbers (float32 here; under bf16
     autocast the outputs travel in bf16 and the count is high). local_load (n_moe_layers, experts): this rank's pairs
     per expert. (Summed over the ranks the two counts must be equal: a rank sends for the pairs of others too.)"""
     E, n = c["expert_parallel"], c["n_routed_experts"]
     mine = slice((rank % E) * n // E, (rank % E + 1) * n // E)
     away = local_load[:, :n].sum() - local_load[:, mine].sum()
-    stats = model.exchange_stats()
-    sums = all_reduce_sum(torch.tensor([stats["expert_bytes"], float(away) * 4 * c["n_embd"] * 4, stats["expert_wait_s"]],
-                                       dtype=torch.float64)) / world_size
-    return {"expert_bytes": sums[0].item(), "expert_bytes_theory": sums[1].item(), "expert_wait_s": sums[2].item()}
+    stats = model.exchange_stats() | {"expert_bytes_theory": float(away) * 4 * c["n_embd"] * 4}
+    means = all_reduce_sum(torch.tensor(list(stats.values()), dtype=torch.float64)) / world_size
+    return dict(zip(stats, means.tolist()))
 
 
 def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> None:

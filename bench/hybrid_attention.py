@@ -78,10 +78,11 @@ def decode_cost(overrides, context, steps=16):
     return seconds * 1000, size
 
 
-def train_cpu_demo(name, extra, data_dir, max_iters):
-    """config/cpu_demo.py with `extra` arguments into out/bench_<name>: (final val bits per byte, wall seconds)."""
+def train_cpu_demo(name, extra, data_dir, max_iters, launcher=(sys.executable,)):
+    """config/cpu_demo.py with `extra` arguments into out/bench_<name>: (final val bits per byte, wall seconds).
+    launcher: what runs train.py (torchrun's command for several processes)."""
     out = os.path.join(ROOT, "out", f"bench_{name}")
-    args = [sys.executable, os.path.join(ROOT, "train.py"), "config/cpu_demo.py", f"--out_dir={out}",
+    args = [*launcher, os.path.join(ROOT, "train.py"), "config/cpu_demo.py", f"--out_dir={out}",
             f"--data_dir={data_dir}", "--overwrite=True", *extra]
     if max_iters:
         args += [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max_iters}"]

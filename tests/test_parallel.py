@@ -267,7 +267,8 @@ def test_expert_parallel_matches_one_process_at_every_stage_and_resumes_at_other
         records = [r for r in map(json.loads, f) if "loss" in r]
     assert all(r["comm_bytes_theory"] <= r["comm_bytes"] < r["comm_bytes_theory"] + 4096 for r in records)
     # The rows the exchanges sent are those the routing implies (4 trips of each pair sent away), to the byte.
-    assert all(r["expert_bytes"] == r["expert_bytes_theory"] > 0 and r["expert_wait_s"] >= 0 for r in records)
+    assert all(r["expert_bytes"] == r["expert_bytes_theory"] > 0 and r["expert_wait_dispatch_s"] >= 0 and
+               r["expert_wait_combine_s"] >= 0 and r["expert_wait_backward_s"] > 0 for r in records)
     # The stage-3 checkpoint of 4 ranks resumed in one process and by FSDP2 on two ranks holding 2 experts each (one
     # copy): both continue as the one-process run does.
     shutil.copytree(tmp_path / "one", tmp_path / "straight")
@@ -497,7 +498,7 @@ def check_shortcut_moe():
         torch.testing.assert_close(grad, expected[name], rtol=0, atol=1e-12, msg=name)
     assert {n.split(".experts.")[1].split(".")[0] for n in grads if ".experts." in n} == {str(2 * rank), str(2 * rank + 1)}
     stats = [moe.exchange.stats() for moe in sharded.moe_layers()]
-    assert all(s["bytes"] > 0 and s["wait_s"] >= 0 for s in stats)
+    assert all(s["bytes"] > 0 and min(s["wait_s"].values()) >= 0 for s in stats)
     print("shortcut ok", flush=True)
     parallel.destroy()
 
