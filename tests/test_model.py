@@ -982,7 +982,7 @@ def test_flash_matches_sdpa_loss_and_gradients(packed):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "flash"])
-@pytest.mark.parametrize("arch", ["gqa", "mla_moe"])
+@pytest.mark.parametrize("arch", ["gqa", "mla_moe", "scmoe"])
 def test_packed_documents_compute_what_each_computes_alone(impl, arch):
     # The Triton kernel (in its interpreter) takes float32, the other backends run this in float64.
     model = lively_model(attn_impl=impl, dtype=torch.float32 if impl == "flash" else torch.float64, **ARCHS[arch])
