@@ -113,6 +113,15 @@ Where it differs from myllm's `tokenizer.py`, and why:
 
 def hf_architecture(config: ModelConfig) -> str:
     """The transformers class that computes exactly our model, or ValueError saying why none does."""
+    if config.final_logit_softcapping:
+        raise ValueError("logit soft-capping: transformers caps final logits in Gemma 2 and 3 only, whose scaled "
+                         "embedding, extra norms and MLP are not ours, so no class computes this model")
+    if config.hidden_act == "relu2":
+        if config.attn != "gqa" or config.layer_types != ["full_attention"] * config.n_layer or config.qk_norm or \
+                config.attn_output_gate or config.moba_chunk_size or config.attention_sinks:
+            raise ValueError("hidden_act='relu2': transformers' Arcee computes the ungated ReLU^2 MLP, with "
+                             "Llama's GQA (no MLA, q/k norm, output gate, sinks, MoBA or other layer types)")
+        return "ArceeForCausalLM"
     if config.attention_sinks:
         raise ValueError("attention sinks: transformers computes them in gpt-oss only, whose every layer is a mixture "
                          "of experts with biased, clamped GLU experts and a biased router, not our MLP or DeepSeek's "
@@ -184,13 +193,14 @@ def hf_config(config: ModelConfig, arch: str) -> dict:
     hf = {
         "architectures": [arch], "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head, "intermediate_size": config.inter_dim, "hidden_act": "silu",
+        "num_key_value_heads": config.n_kv_head, "intermediate_size": config.inter_dim, "hidden_act": config.hidden_act,
         "max_position_embeddings": max_positions, "rms_norm_eps": config.norm_eps, "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0, "dtype": "float32",
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
     }
-    if arch == "LlamaForCausalLM":
-        hf |= {"model_type": "llama", "head_dim": config.head_dim, "attention_bias": config.qkv_bias, "mlp_bias": False}
+    if arch in ("LlamaForCausalLM", "ArceeForCausalLM"):  # Arcee is Llama with the ungated ReLU^2 MLP
+        hf |= {"model_type": "llama" if arch == "LlamaForCausalLM" else "arcee", "head_dim": config.head_dim,
+               "attention_bias": config.qkv_bias, "mlp_bias": False}
     elif arch == "MinistralForCausalLM":  # Llama with per-layer windows: key j for query i when i - window < j <= i
         hf |= {"model_type": "ministral", "head_dim": config.head_dim, "layer_types": config.layer_types,
                "sliding_window": config.sliding_window}
@@ -275,10 +285,12 @@ def generic_state_dict(model: Transformer, arch: str) -> dict[str, torch.Tensor]
             tensor = interleave_rope_rows(tensor, c.kv_lora_rank + c.qk_rope_head_dim, c.qk_rope_head_dim)
         outer, indexer, inner = name.partition(".indexer.")  # the indexer's own names are DeepSeek's, as ours
         hf_name = ".".join(HF_NAMES.get(part, part) for part in outer.split(".")) + indexer + inner
+        if arch == "ArceeForCausalLM":  # the ungated MLP's one input matrix is Arcee's up_proj
+            hf_name = hf_name.replace("mlp.gate_proj", "mlp.up_proj")
         if hf_name.endswith("mlp.gate.bias"):
             hf_name = hf_name.replace("gate.bias", "gate.e_score_correction_bias")
         out[hf_name if hf_name.startswith("lm_head") else "model." + hf_name] = tensor.detach().contiguous()
-        if arch == "LlamaForCausalLM" and name.endswith("attn.wq.bias"):  # attention_bias puts one on o_proj too
+        if arch in ("LlamaForCausalLM", "ArceeForCausalLM") and name.endswith("attn.wq.bias"):  # and on o_proj
             out["model." + hf_name.replace("q_proj", "o_proj")] = torch.zeros(c.n_embd, dtype=tensor.dtype)
     return out
 

@@ -52,7 +52,10 @@ class ModelConfig:
     n_head: int = 8
     n_kv_head: int = 2  # GQA (Ainslie et al. 2023): n_head // n_kv_head query heads share one key/value head
     n_embd: int = 512
-    inter_dim: int = 0  # SwiGLU hidden size; 0 = 8/3 * n_embd rounded up to a multiple of 64
+    inter_dim: int = 0  # MLP hidden size; 0 = 8/3 * n_embd rounded up to a multiple of 64 (SwiGLU), 4 * n_embd (relu2)
+    # The dense MLP: "silu" is SwiGLU (gated, three matrices); "relu2" the ungated w2(relu(w1 x)^2) of Primer (So et
+    # al. 2021) and the modded-nanogpt speedrun, as transformers' Arcee computes it.
+    hidden_act: str = "silu"
     rope_theta: float = 1e6  # RoPE base; large (Qwen2's value) so the slowest pairs barely turn over block_size
     rope_scaling: dict = field(default_factory=dict)  # {} = none; else as Hugging Face writes it, see rope_inv_freq
     norm_eps: float = 1e-5
@@ -65,6 +68,12 @@ class ModelConfig:
     # 2023): a head can give most of its weight to nothing, so the weights on the keys sum to less than one.
     attention_sinks: bool = False
     dropout: float = 0.0
+    # Logit soft-capping (Gemma 2; the speedrun): logits = cap * tanh(logits / cap), so no logit exceeds cap and a
+    # confident token cannot push its logit (and the head's weights) ever higher. 0: off.
+    final_logit_softcapping: float = 0.0
+    # Each residual branch's output projection (wo, w2) starts at zero, so every block starts as the identity and the
+    # stream is the embedding (the speedrun's init); the other matrices get gradients from the second step on.
+    zero_init_residual: bool = False
     # "auto" (flash on a CUDA GPU, else sdpa), "flash" (our Triton kernels, myllm_kernels/), "sdpa" (PyTorch's fused
     # kernels) or "eager" (the readable reference)
     attn_impl: str = "auto"
@@ -135,7 +144,7 @@ class ModelConfig:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ("inter_dim", "moe_inter_dim", "bias_update_rate", "balance_loss_coef", "mtp_depth",
-                     "mtp_loss_weight", "zero_expert_num"):
+                     "mtp_loss_weight", "zero_expert_num", "final_logit_softcapping"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -168,7 +177,14 @@ class ModelConfig:
         if self.rope_dim % 2:
             raise ValueError(f"head_dim (the RoPE dims of a head) must be even for RoPE's pairs, got {self.rope_dim}")
         self._check_rope_scaling()
-        if self.inter_dim == 0:
+        if self.hidden_act not in ("silu", "relu2"):
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU) or 'relu2', got {self.hidden_act!r}")
+        if self.hidden_act == "relu2" and self.n_routed_experts:
+            raise ValueError("hidden_act='relu2' is the dense MLP's; DeepSeek's experts are SwiGLU: "
+                             "set n_routed_experts=0")
+        if self.inter_dim == 0 and self.hidden_act == "relu2":
+            self.inter_dim = 4 * self.n_embd  # GPT-2's width; two matrices of it hold as many weights as SwiGLU's three
+        elif self.inter_dim == 0:
             # 8/3 keeps SwiGLU's three matrices at the parameter count of a 4x two-matrix MLP (Shazeer 2020);
             # a multiple of 64 keeps the matmuls on fast tile sizes.
             self.inter_dim = 64 * math.ceil(8 * self.n_embd / 3 / 64)
@@ -834,15 +850,19 @@ def indexer_kl(scores, target, allowed):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"): w2(silu(w1 x) * w3 x)."""
+    """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"): w2(silu(w1 x) * w3 x). With
+    hidden_act="relu2", w2(relu(w1 x)^2) (Primer, So et al. 2021): squaring keeps ReLU's sparsity (most hidden units
+    exactly 0) and makes the kept ones grow faster than linearly, which Primer's search found and the speedrun uses."""
 
-    def __init__(self, dim, inter_dim):
+    def __init__(self, dim, inter_dim, hidden_act="silu"):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate (SwiGLU); up (relu2)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False) if hidden_act == "silu" else None  # up
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
 
     def forward(self, x):
+        if self.w3 is None:
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -1017,7 +1037,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         # DeepSeek keeps the first layers dense: routing on barely-processed token embeddings balances poorly.
         moe = config.n_routed_experts > 0 and layer_id >= config.first_k_dense_replace
-        self.ffn = MoE(config) if moe else MLP(config.n_embd, config.inter_dim)
+        self.ffn = MoE(config) if moe else MLP(config.n_embd, config.inter_dim, config.hidden_act)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, kv_cache, is_real, moba_blocks=None):
@@ -1052,7 +1072,7 @@ class ShortcutBlock(nn.Module):
         attention = MLA if config.attn == "mla" else Attention
         self.attn_norm, self.ffn_norm = nn.ModuleList([norm(), norm()]), nn.ModuleList([norm(), norm()])
         self.attn = nn.ModuleList(attention(config, 2 * layer_id + i) for i in (0, 1))  # its KV cache slots
-        self.mlps = nn.ModuleList(MLP(config.n_embd, config.inter_dim) for _ in (0, 1))
+        self.mlps = nn.ModuleList(MLP(config.n_embd, config.inter_dim, config.hidden_act) for _ in (0, 1))
         self.ffn = MoE(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -1300,7 +1320,9 @@ class Transformer(nn.Module):
             if name.endswith("attn.sinks"):
                 nn.init.zeros_(p)  # a sink logit of 0: at the start the sink weighs as much as a key scoring 0
                 continue
-            if name.endswith(("wo.weight", "w2.weight")):
+            if name.endswith(("wo.weight", "w2.weight")) and self.config.zero_init_residual:
+                nn.init.zeros_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -1309,17 +1331,34 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
+    def head(self, x):
+        """Normalised hidden states (..., n_embd) -> logits (..., vocab), soft-capped if asked."""
+        logits = self.lm_head(x)
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def blocks(self):
         """The repeated blocks, in order: what ZeRO stage 3 and FSDP2 gather and free one at a time."""
         return list(self.layers)
 
-    def param_groups(self, weight_decay):
-        """AdamW's parameter groups (nanoGPT's configure_optimizers): weight decay on matrices only (linear and
-        embedding weights); decaying RMSNorm gains or biases just pulls them toward 0 for no regularisation
-        benefit (the AdamW paper's practice). parameters() lists a tied matrix once."""
+    def param_groups(self, weight_decay, muon=False):
+        """The optimizer's parameter groups (nanoGPT's configure_optimizers): weight decay on matrices only (linear
+        and embedding weights); decaying RMSNorm gains or biases just pulls them toward 0 for no regularisation
+        benefit (the AdamW paper's practice). parameters() lists a tied matrix once.
+
+        muon: the 2-D weights that act as linear maps go first, in a group Muon steps ("muon": True); the token
+        embedding and the head stay with AdamW (Moonlight's split: an embedding's rows are looked up one token at a
+        time, not applied as one map, and the head's update is better left elementwise too)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        matrices, others = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+        adamw = [{"params": matrices, "weight_decay": weight_decay, "muon": False},
+                 {"params": others, "weight_decay": 0.0, "muon": False}]
+        if not muon:
+            return adamw
+        lookups = {id(self.wte.weight), id(self.lm_head.weight)}
+        maps = [p for p in matrices if p.dim() == 2 and id(p) not in lookups]
+        adamw[0]["params"] = [p for p in matrices if p.dim() != 2 or id(p) in lookups]
+        return [{"params": maps, "weight_decay": weight_decay, "muon": True}, *adamw]
 
     def moe_layers(self):
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
@@ -1402,7 +1441,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, rope, window_mask if block.windowed and window_mask is not None else mask, kv_cache, is_real,
                       moba_blocks)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        logits = self.head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             # float32 log-softmax: bf16 logits would round the loss; -100 marks positions without a target.
@@ -1426,7 +1465,7 @@ class Transformer(nn.Module):
             if n < 1:
                 break
             h = module(h[:, :n], self.wte(idx[:, k:]), tuple(r[:, :, :n] for r in rope), None, None)
-            logits = self.lm_head(module.norm(h))  # (B, T - k, vocab)
+            logits = self.head(module.norm(h))  # (B, T - k, vocab)
             total = total + F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
         return total / len(self.mtp)
 
@@ -1439,7 +1478,7 @@ class Transformer(nn.Module):
         mask = make_attention_mask(key_is_real, T) if 1 < T < kv_cache.length else None
         module = self.mtp[0]
         x = module(h, self.wte(tokens), self.rope(positions, h.dtype), mask, kv_cache)
-        return self.lm_head(module.norm(x))
+        return self.head(module.norm(x))
 
     def auxiliary_loss(self):
         """What training adds to the language loss (0 when evaluating): alpha times DeepSeek-V3's sequence-wise

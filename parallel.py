@@ -22,6 +22,10 @@ each rank's slice of a bucket is one tensor for torch.optim.AdamW with one weigh
 rank's AdamW state as pieces of the flattened parameters, not of buckets, so a run resumes at any world size and
 stage. FSDP2 at the end wraps PyTorch's own fully_shard in the same interface, for comparison and production.
 
+Muon (muon.py) is elementwise in its momentum, which shards as AdamW's moments do, but orthogonalises whole
+matrices: each step gathers them, each rank orthogonalises its share, and the updates are scattered back
+(Engine._muon_step), with communication counted like the rest.
+
 Expert parallelism (shard_experts) splits MoE layers' routed experts among groups of ranks, tokens going to them by
 all-to-all; each expert's gradient is then summed, and sharded, among its own copies only (Replicas).
 """
@@ -32,6 +36,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from muon import assign_owners, nesterov_momentum, orthogonalised_update
 
 # torch 2.13 renamed the tensor collectives (reduce_scatter_tensor -> reduce_scatter_single) and warns on the old
 # names; older torch (the GPU image runs 2.11) has only the old ones.
@@ -285,11 +291,11 @@ def gather_experts(state: dict, experts: Replicas, rank: int) -> dict:
 
 class Bucket:
     """Parameters that travel together. Their values live in `flat` (the parameters are views into it), padded
-    to a multiple of the world size; `shard` is the part this rank steps with AdamW, and shard.grad its part of
-    the averaged gradient."""
+    to a multiple of the world size; `shard` is the part this rank steps (with AdamW, or for muon buckets with
+    Muon), and shard.grad its part of the averaged gradient."""
 
-    def __init__(self, named_params: list, weight_decay: float, replicas: Replicas):
-        self.replicas = replicas
+    def __init__(self, named_params: list, weight_decay: float, replicas: Replicas, muon: bool = False):
+        self.replicas, self.muon = replicas, muon  # muon: stepped by Muon (whole matrices), not AdamW
         self.names = [name for name, _ in named_params]
         self.params = [p for _, p in named_params]
         self.weight_decay = weight_decay
@@ -326,10 +332,11 @@ def split_by_decay(params: list, groups: list, name_of: dict, replicas_of) -> li
     """One bucket per weight-decay group of params (a block's parameters, say) and set of replicas, in the groups'
     order."""
     ids, buckets = {id(p) for p in params}, []
-    for group, wd in groups:
+    for group, wd, muon in groups:
         mine = [p for p in group if id(p) in ids]
         for replicas in dict.fromkeys(map(replicas_of, mine)):  # the dense ones, then the experts' (if any)
-            buckets.append(Bucket([(name_of[id(p)], p) for p in mine if replicas_of(p) is replicas], wd, replicas))
+            buckets.append(Bucket([(name_of[id(p)], p) for p in mine if replicas_of(p) is replicas], wd, replicas,
+                                  muon))
     return buckets
 
 
@@ -341,19 +348,19 @@ def size_buckets(groups: list, name_of: dict, cap_bytes: float, replicas_of) -> 
     and in front it would hold back every bucket behind it until the end. A bucket ends where the replicas change
     (expert parallelism: a layer's routed experts between its dense parameters), as it is sent to one set of them."""
     buckets = []
-    for params, wd in groups:
+    for params, wd, muon in groups:
         run, size = [], 0
         for p in reversed(params):
             if run and replicas_of(p) is not replicas_of(run[-1][1]):
-                buckets.append(Bucket(run, wd, replicas_of(run[-1][1])))
+                buckets.append(Bucket(run, wd, replicas_of(run[-1][1]), muon))
                 run, size = [], 0
             run.append((name_of[id(p)], p))
             size += p.numel() * p.element_size()
             if size >= (cap_bytes / 25 if not buckets else cap_bytes):
-                buckets.append(Bucket(run, wd, replicas_of(p)))
+                buckets.append(Bucket(run, wd, replicas_of(p), muon))
                 run, size = [], 0
         if run:
-            buckets.append(Bucket(run, wd, replicas_of(run[-1][1])))
+            buckets.append(Bucket(run, wd, replicas_of(run[-1][1]), muon))
     return buckets
 
 
@@ -414,7 +421,7 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, groups: list[dict], zero_stage: int, lr: float, betas: tuple,
-                 fused: bool, bucket_mb: float = 25.0, experts: Replicas | None = None):
+                 fused: bool, bucket_mb: float = 25.0, experts: Replicas | None = None, momentum: float = 0.95):
         self.model, self.experts = model, experts
         # What this stage shards, set once here (each stage shards what the one below it does, and one thing more).
         self.shard_optimizer = zero_stage >= 1
@@ -431,7 +438,8 @@ class Engine:
             return experts if id(p) in expert_ids else self.dense
 
         name_of = {id(p): name for name, p in model.named_parameters()}
-        groups = [(group["params"], group["weight_decay"]) for group in groups if group["params"]]
+        groups = [(group["params"], group["weight_decay"], group.get("muon", False)) for group in groups
+                  if group["params"]]
         if self.shard_parameters:
             self.gather = ParameterGather(model, groups, name_of, self.comm, replicas_of)
             self.buckets = [b for unit in self.gather.units for b in unit.buckets]
@@ -446,10 +454,19 @@ class Engine:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
         self.next_launch, self.in_flight = 0, []
         # AdamW is elementwise, so stepping each slice is exactly the unsharded AdamW; fused does it in one kernel.
+        adamw = [b for b in self.buckets if not b.muon]
         self.optimizer = torch.optim.AdamW(
-            [{"params": [b.shard for b in self.buckets if b.weight_decay == wd], "weight_decay": wd}
-             for wd in sorted({b.weight_decay for b in self.buckets}, reverse=True)],
+            [{"params": [b.shard for b in adamw if b.weight_decay == wd], "weight_decay": wd}
+             for wd in sorted({b.weight_decay for b in adamw}, reverse=True)],
             lr=lr, betas=betas, fused=fused)
+        # Muon's momentum is elementwise too, sharded as AdamW's moments are; its orthogonalisation is not (_muon_step).
+        self.muon_buckets, self.momentum = [b for b in self.buckets if b.muon], momentum
+        self.muon_state = {id(b.shard): torch.zeros_like(b.shard) for b in self.muon_buckets}
+        for replicas in dict.fromkeys(b.replicas for b in self.muon_buckets):
+            mine = [b for b in self.muon_buckets if b.replicas is replicas]
+            owners = iter(assign_owners([p.numel() for b in mine for p in b.params], replicas.size))
+            for b in mine:
+                b.owners = [next(owners) for _ in b.params]  # the rank among the replicas that orthogonalises each
 
     def _lay_out(self, b: Bucket) -> None:
         """The bucket's shard (what AdamW steps) and where its gradients accumulate."""
@@ -552,6 +569,8 @@ class Engine:
             group["lr"] = lr
         scaler.step(self.optimizer)
         scaler.update()
+        for b in self.muon_buckets:
+            self._muon_step(b, lr)
         for b in self.buckets:
             (b.shard.grad if self.shard_gradients else b.grad).zero_()
         if self.shard_optimizer and not self.shard_parameters:
@@ -559,6 +578,33 @@ class Engine:
             for work in [self.comm.start("all_gather", b.flat, b.shard, b.replicas) for b in self.buckets]:
                 self.comm.wait(work)
         return norm
+
+    @torch.no_grad()
+    def _muon_step(self, b: Bucket, lr: float) -> None:
+        """Muon on a bucket's matrices, distributed as Moonlight's Muon but with the orthogonalisation shared out:
+        each rank updates the momentum of its slice (elementwise), the slices are all-gathered into whole matrices,
+        each rank orthogonalises the matrices it owns into a buffer that is zero elsewhere, and a reduce-scatter of
+        those buffers (a sum with one nonzero term per element: exact) hands every rank its slice of every update.
+        The two collectives move the bytes of one all-reduce. Unsharded (stage 0) the momentum is whole everywhere
+        already, and one all-reduce of the buffers shares the updates out."""
+        look_ahead = nesterov_momentum(b.shard.grad, self.muon_state[id(b.shard)], self.momentum)
+        whole = look_ahead
+        if self.shard_optimizer:
+            whole = torch.empty(b.flat.numel(), dtype=b.shard.dtype, device=b.shard.device)
+            self.comm.wait(self.comm.start("all_gather", whole, look_ahead, b.replicas))
+        update = torch.zeros_like(whole)
+        for p, offset, owner in zip(b.params, b.offsets, b.owners):
+            if owner == b.replicas.rank:
+                matrix = whole[offset:offset + p.numel()].view_as(p)
+                update[offset:offset + p.numel()] = orthogonalised_update(matrix).reshape(-1)
+        if self.shard_optimizer:
+            mine = torch.empty_like(b.shard)
+            self.comm.wait(self.comm.start("reduce_scatter", mine, update, b.replicas))
+        else:
+            mine = update
+            self.comm.wait(self.comm.start("all_reduce", update, update, b.replicas))
+        # Decoupled weight decay, then the step: as AdamW's, so its learning rate and decay carry over (Moonlight).
+        b.shard.mul_(1 - lr * b.weight_decay).add_(mine, alpha=-lr)
 
     def global_norm(self) -> torch.Tensor:
         """The norm of the whole gradient vector. Sharded, each rank holds a disjoint slice and the padding is zeros,
@@ -581,11 +627,14 @@ class Engine:
     def theory_bytes(self, micro_batches: int) -> float:
         """The ZeRO paper's communication per step per rank (section 7): 2 x params for DDP and stages 1-2
         (reduce-scatter + all-gather = one all-reduce), 3 x params for stage 3 (a second all-gather before the
-        backward). Sharded gradients are reduce-scattered (and sharded parameters gathered) every micro-batch."""
-        params = sum(b.numel * b.flat.element_size() * (b.replicas.size - 1) / b.replicas.size for b in self.buckets)
+        backward). Sharded gradients are reduce-scattered (and sharded parameters gathered) every micro-batch. Muon
+        adds one all-reduce's worth of its matrices per step (_muon_step)."""
+        def ring_share(buckets):
+            return sum(b.numel * b.flat.element_size() * (b.replicas.size - 1) / b.replicas.size for b in buckets)
+        params, muon = ring_share(self.buckets), 2 * ring_share(self.muon_buckets)  # Muon: one all-reduce's worth
         if self.shard_parameters:
-            return params * 3 * micro_batches
-        return params * (micro_batches + 1 if self.shard_gradients else 2)
+            return params * 3 * micro_batches + muon
+        return params * (micro_batches + 1 if self.shard_gradients else 2) + muon
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def model_state_dict(self) -> dict:
@@ -728,28 +777,37 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def optimizer_state(engine, param) -> list:
+    """The state a parameter (or a shard the engine steps) carries: AdamW's two moments, or Muon's momentum."""
+    if id(param) in engine.muon_state:
+        return [engine.muon_state[id(param)]]
+    return [engine.optimizer.state[param][key] for key in ("exp_avg", "exp_avg_sq")]
+
+
 def optimizer_state_shard(engine) -> dict:
-    """This rank's AdamW state as pieces of the flattened parameters, {name: [(start, exp_avg, exp_avg_sq)]}:
-    independent of buckets, stage and world size, so any layout can rebuild its own slices from it. State held
-    unsharded by several ranks (all of them, or an expert's copies) is saved by the first of them."""
+    """This rank's optimizer state as pieces of the flattened parameters, {name: [(start, exp_avg, exp_avg_sq)]}
+    (AdamW) or {name: [(start, momentum)]} (Muon): independent of buckets, stage and world size, so any layout can
+    rebuild its own slices from it. State held unsharded by several ranks (all of them, or an expert's copies) is
+    saved by the first of them. step: AdamW's count (its bias correction needs it; Muon has none)."""
     pieces, state = {}, engine.optimizer.state
     for param, name, start, stop, at in engine.owned_pieces(saving=True):
         here = slice(at, at + stop - start)
-        moments = [local_tensor(state[param][key]).reshape(-1)[here].clone() for key in ("exp_avg", "exp_avg_sq")]
+        moments = [local_tensor(t).reshape(-1)[here].clone() for t in optimizer_state(engine, param)]
         pieces.setdefault(name, []).append((start, *moments))
     step = float(next(iter(state.values()))["step"]) if pieces else None
     return {"step": step, "pieces": pieces}
 
 
 def load_optimizer_state(engine, shards: list) -> None:
-    """Rebuilds this rank's AdamW state from the shards of any earlier layout (any world size, stage, FSDP2)."""
+    """Rebuilds this rank's optimizer state from the shards of any earlier layout (any world size, stage, FSDP2):
+    AdamW's moments into new tensors it then loads, Muon's momentum in place."""
     step, found = merge_shards(shards)
     params = [p for group in engine.optimizer.param_groups for p in group["params"]]
     moments = {id(p): (torch.zeros_like(local_tensor(p)), torch.zeros_like(local_tensor(p))) for p in params}
     for param, name, start, stop, at in engine.owned_pieces():
         here = slice(at, at + stop - start)
-        exp_avg, exp_avg_sq = moments[id(param)]
-        fill_from_pieces(found, name, start, stop, exp_avg.view(-1)[here], exp_avg_sq.view(-1)[here])
+        into = moments.get(id(param)) or [local_tensor(t) for t in optimizer_state(engine, param)]
+        fill_from_pieces(found, name, start, stop, [t.view(-1)[here] for t in into])
 
     def like_param(p, local):  # a DTensor parameter (FSDP2) wants DTensor state with its layout
         if not hasattr(p, "device_mesh"):
@@ -765,7 +823,7 @@ def load_optimizer_state(engine, shards: list) -> None:
 
 
 def merge_shards(shards: list) -> tuple[float, dict]:
-    """The step count and {name: [(start, exp_avg, exp_avg_sq), ...]} of all the shards of one checkpoint."""
+    """The step count and {name: [(start, *state), ...]} of all the shards of one checkpoint."""
     found = {}
     for s in shards:
         for name, pieces in s["pieces"].items():
@@ -773,15 +831,17 @@ def merge_shards(shards: list) -> tuple[float, dict]:
     return next(s["step"] for s in shards if s["step"] is not None), found
 
 
-def fill_from_pieces(found: dict, name: str, start: int, stop: int, exp_avg: torch.Tensor,
-                     exp_avg_sq: torch.Tensor) -> None:
-    """Copies elements [start, stop) of parameter name's flattened moments out of the saved pieces."""
+def fill_from_pieces(found: dict, name: str, start: int, stop: int, into: list) -> None:
+    """Copies elements [start, stop) of parameter name's flattened optimizer state out of the saved pieces."""
     covered = 0
-    for piece_start, avg, avg_sq in found.get(name, []):
-        a, z = max(start, piece_start), min(stop, piece_start + avg.numel())
+    for piece_start, *saved in found.get(name, []):
+        if len(saved) != len(into):
+            raise SystemExit(f"the optimizer shards hold {len(saved)} state tensors for {name} where this run's "
+                             f"optimizer keeps {len(into)}: they were written with another optimizer")
+        a, z = max(start, piece_start), min(stop, piece_start + saved[0].numel())
         if a < z:
-            exp_avg[a - start:z - start] = avg[a - piece_start:z - piece_start]
-            exp_avg_sq[a - start:z - start] = avg_sq[a - piece_start:z - piece_start]
+            for t, piece in zip(into, saved):
+                t[a - start:z - start] = piece[a - piece_start:z - piece_start]
             covered += z - a
     if covered != stop - start:
         raise SystemExit(f"the optimizer shards hold {covered} of the {stop - start} values of {name} that this rank "
@@ -796,7 +856,7 @@ class FSDP2:
     shard_optimizer = True
 
     def __init__(self, model: torch.nn.Module, groups: list[dict], lr: float, betas: tuple, fused: bool,
-                 experts: Replicas | None = None):
+                 experts: Replicas | None = None, momentum: float = 0.95):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
         name_of = {id(p): name for name, p in model.named_parameters()}
@@ -821,7 +881,15 @@ class FSDP2:
         # fully_shard replaced the parameters by DTensors: the same groups, found again by name.
         sharded = dict(model.named_parameters())
         groups = [{**group, "params": [sharded[name] for name in names]} for group, names in zip(groups, group_names)]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"] and not g.get("muon")], lr=lr,
+                                           betas=betas, fused=fused)
+        # Muon: each matrix's momentum on its local rows, and the rank of its mesh that orthogonalises it.
+        self.muon = [(p, g["weight_decay"]) for g in groups if g.get("muon") for p in g["params"]]
+        self.muon_state = {id(p): torch.zeros_like(p.to_local()) for p, _ in self.muon}
+        self.momentum, self.owners = momentum, {}
+        for mesh in dict.fromkeys(p.device_mesh for p, _ in self.muon):
+            mine = [p for p, _ in self.muon if p.device_mesh is mesh]
+            self.owners |= dict(zip(map(id, mine), assign_owners([p.numel() for p in mine], mesh.size())))
 
     def set_sync(self, sync: bool) -> None:
         """FSDP2 reduce-scatters every micro-batch by default, as stage 3 does: nothing to decide."""
@@ -849,16 +917,33 @@ class FSDP2:
             group["lr"] = lr
         scaler.step(self.optimizer)
         scaler.update()
+        for p, weight_decay in self.muon:
+            self._muon_step(p, weight_decay, lr)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    @torch.no_grad()
+    def _muon_step(self, p, weight_decay: float, lr: float) -> None:
+        """Engine._muon_step on one FSDP2 matrix, DTensor doing the collectives: full_tensor() all-gathers the rows
+        of its momentum, and the owner's update (zeros on the others) as a Partial DTensor, a sum still pending,
+        redistributed to FSDP2's row sharding is the reduce-scatter."""
+        from torch.distributed.tensor import DTensor, Partial
+        mesh = p.device_mesh
+        grad = local_tensor(p.grad) if p.grad is not None else torch.zeros_like(self.muon_state[id(p)])
+        look_ahead = nesterov_momentum(grad, self.muon_state[id(p)], self.momentum)
+        whole = DTensor.from_local(look_ahead, mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        mine = orthogonalised_update(whole) if self.owners[id(p)] == mesh.get_local_rank() else torch.zeros_like(whole)
+        mine = DTensor.from_local(mine, mesh, [Partial()]).redistribute(mesh, p.placements).to_local()
+        p.grad = None
+        p.to_local().mul_(1 - lr * weight_decay).add_(mine, alpha=-lr)
 
     def comm_stats(self) -> dict:
         return {"comm_bytes": None, "comm_wait_s": None}  # inside FSDP2, not counted here
 
     def theory_bytes(self, micro_batches: int) -> float:
-        params = sum(p.numel() * p.element_size() * (p.device_mesh.size() - 1) / p.device_mesh.size()
-                     for p in self.params)
-        return 3 * micro_batches * params
+        def ring_share(params):
+            return sum(p.numel() * p.element_size() * (p.device_mesh.size() - 1) / p.device_mesh.size() for p in params)
+        return 3 * micro_batches * ring_share(self.params) + 2 * ring_share([p for p, _ in self.muon])
 
     def model_state_dict(self) -> dict:
         state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}

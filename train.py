@@ -66,7 +66,9 @@ always_save_checkpoint = True  # else save only when val loss improves
 # batch: tokens per optimizer step = gradient_accumulation_steps * batch_size * block_size
 batch_size = 16  # windows per micro-batch per process
 gradient_accumulation_steps = 1  # global count, divided among the processes
-# AdamW and the learning-rate schedule
+# The optimizer and the learning-rate schedule
+optimizer = "adamw"  # or "muon": Muon steps the blocks' weight matrices, AdamW the rest (muon.py)
+muon_momentum = 0.95  # Muon's momentum (the speedrun's and Moonlight's); lr and weight decay are AdamW's (muon.py)
 learning_rate = 6e-4
 max_iters = 5000
 weight_decay = 0.1
@@ -76,6 +78,9 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0 disables clipping
 warmup_iters = 100
 lr_decay_iters = 5000  # cosine decay reaches min_lr here (nanoGPT: about max_iters)
 min_lr = 6e-5  # about learning_rate / 10 (Chinchilla)
+lr_schedule = "cosine"  # or "wsd": constant after the warmup, then a linear cool-down to min_lr (get_lr)
+cooldown_frac = 0.2  # wsd: the cool-down's share of lr_decay_iters
+align_windows = False  # start every training window at a document's start (prepare_data.py's document index)
 # system
 device = "auto"  # "auto": cuda if available, else cpu
 dtype = "auto"  # "auto": bfloat16 on a GPU that has it, else float32; or float32/bfloat16/float16
@@ -151,7 +156,7 @@ def check_config(c: dict, world_size: int) -> None:
             raise SystemExit(f"{key} must be >= 0, got {c[key]}")
     if not 0 <= c["seed"] < 2**62:  # torch's seeds are 64-bit, and each rank adds its rank
         raise SystemExit(f"seed must be between 0 and 2**62, got {c['seed']}")
-    for key in ("beta1", "beta2"):
+    for key in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= c[key] < 1:
             raise SystemExit(f"{key} must be in [0, 1), got {c[key]}")
     if c["min_lr"] > c["learning_rate"]:
@@ -177,6 +182,17 @@ def check_config(c: dict, world_size: int) -> None:
         raise SystemExit("zero_stage is for parallel='handwritten'; fsdp2 always shards as stage 3 does")
     if c["parallel"] == "fsdp2" and world_size == 1:
         raise SystemExit("parallel='fsdp2' needs a process group: launch with torchrun (even --nproc_per_node=1)")
+    if c["lr_schedule"] not in ("cosine", "wsd"):
+        raise SystemExit(f"lr_schedule must be 'cosine' or 'wsd', got '{c['lr_schedule']}'")
+    if not 0 < c["cooldown_frac"] <= 1:
+        raise SystemExit(f"cooldown_frac must be in (0, 1], got {c['cooldown_frac']}")
+    if c["optimizer"] not in ("adamw", "muon"):
+        raise SystemExit(f"optimizer must be 'adamw' or 'muon', got '{c['optimizer']}'")
+    if c["optimizer"] == "muon" and c["lora_rank"]:
+        raise SystemExit("optimizer='muon' orthogonalises whole weight matrices and LoRA trains low-rank adapters of "
+                         "them: use optimizer='adamw' with lora_rank")
+    if c["optimizer"] == "muon" and c["dtype"] == "float16":
+        raise SystemExit("optimizer='muon' does not take float16's loss scaling: use dtype 'bfloat16' or 'float32'")
     if not 0 <= c["lora_dropout"] < 1:
         raise SystemExit(f"lora_dropout must be in [0, 1), got {c['lora_dropout']}")
     if c["lora_embeddings"] and not c["lora_rank"]:
@@ -264,11 +280,22 @@ def check_post_training_config(c: dict, world_size: int) -> None:
 
 def get_lr(it: int, config: dict) -> float:
     """Linear warmup, then cosine decay to min_lr (Loshchilov & Hutter, SGDR). Warmup starts at
-    learning_rate / (warmup_iters + 1), never at 0: a step with lr 0 would be a wasted batch."""
+    learning_rate / (warmup_iters + 1), never at 0: a step with lr 0 would be a wasted batch.
+
+    lr_schedule="wsd" (warmup-stable-decay; Hu et al. 2024, MiniCPM; the speedrun's schedule): learning_rate until
+    the last cooldown_frac of lr_decay_iters, then linear to min_lr. Most of the loss drop comes in the cool-down
+    whenever it starts, so a run can be extended (or branched into a cool-down) without knowing its length up front."""
     if it < config["warmup_iters"]:
         return config["learning_rate"] * (it + 1) / (config["warmup_iters"] + 1)
     if it >= config["lr_decay_iters"]:
         return config["min_lr"]
+    if config["lr_schedule"] == "wsd":
+        cooldown = max(1, round(config["cooldown_frac"] * config["lr_decay_iters"]))
+        start = max(config["warmup_iters"], config["lr_decay_iters"] - cooldown)
+        if it < start:
+            return config["learning_rate"]
+        ratio = (it - start) / max(1, config["lr_decay_iters"] - start)
+        return config["learning_rate"] + ratio * (config["min_lr"] - config["learning_rate"])
     ratio = (it - config["warmup_iters"]) / max(1, config["lr_decay_iters"] - config["warmup_iters"])
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return config["min_lr"] + coeff * (config["learning_rate"] - config["min_lr"])
@@ -394,6 +421,7 @@ class TokenData:
             self.packs = {split: PackedSplit(self.bins[split], os.path.join(d, self.meta["loss_mask"][split]),
                                              os.path.join(d, f"{split}_doc_index.npy"), self.dtype, self.block_size)
                           for split in ("train", "val")}
+        self.aligned_starts = self.document_starts(c) if c["align_windows"] else None
         # What every rank must agree on: ranks reading different data would each train on their own corpus.
         self.identity = {"meta.json": self.meta_sha256, **{f"{split}.bin tokens": n for split, n in self.n_tokens.items()}}
         self.tokenizer_path = os.path.join(c["data_dir"], "tokenizer.model")
@@ -404,6 +432,24 @@ class TokenData:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"{e}: run prepare_data.py again") from None
         self.token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)
+
+    def document_starts(self, c: dict) -> np.ndarray:
+        """align_windows: the training windows' possible starts, the offsets where documents begin (with a full
+        window after them). Random offsets start most windows mid-document, so their first tokens are predicted
+        from a context cut off at random; aligned, the context is the document's own beginning (the speedrun's
+        document-aligned batches). Evaluation keeps random offsets, so val losses compare across settings."""
+        if self.packs is not None:
+            raise SystemExit("align_windows starts the windows of pretraining data at documents; fine-tuning data is "
+                             "packed by conversation already")
+        path = os.path.join(c["data_dir"], "train_doc_index.npy")
+        if not os.path.isfile(path):
+            raise SystemExit(f"align_windows needs {path}, the document index prepare_data.py writes: run it again")
+        starts = np.load(path)
+        starts = starts[starts < self.n_tokens["train"] - self.block_size]
+        if len(starts) < self.train_rows:
+            raise SystemExit(f"align_windows: {path} has {len(starts)} documents with a full window after their start, "
+                             f"fewer than the {self.train_rows} windows of a step; leave it off for this corpus")
+        return starts
 
     def train_batch(self, it: int, micro_step: int):
         """This rank's micro-batch micro_step of the global batch of step it: x, y, doc_ids (None unless packed)."""
@@ -423,6 +469,8 @@ class TokenData:
     def _draw(self, split: str, it: int, stream: int, rows: int) -> np.ndarray:
         """The windows of (split, it, stream): start offsets in the token file, or packed windows' numbers."""
         rng = np.random.default_rng([self.seed, stream, it])
+        if self.aligned_starts is not None and stream == 0:
+            return self.aligned_starts[rng.integers(0, len(self.aligned_starts), size=rows)]
         if self.packs is None:
             return rng.integers(0, self.n_tokens[split] - self.block_size, size=rows)
         return rng.integers(0, len(self.packs[split].windows), size=rows)
@@ -581,6 +629,10 @@ def read_resume_checkpoint(c: dict, model_config: ModelConfig, meta: dict, devic
     checkpoint = load_checkpoint(ckpt_path, device)  # claim_out_dir checked that it exists
     if checkpoint["tokenizer_sha256"] != meta["tokenizer_sha256"]:
         raise SystemExit(f"resume: {c['data_dir']} was tokenized with another tokenizer than {ckpt_path}")
+    optimizer = checkpoint["config"].get("optimizer", "adamw")  # runs from before the choice used AdamW
+    if optimizer != c["optimizer"]:
+        raise SystemExit(f"resume: optimizer={c['optimizer']!r} here but {optimizer!r} in {ckpt_path}, whose "
+                         "optimizer state is that one's")
     if checkpoint.get("lora") != lora_settings(c):
         raise SystemExit(f"resume: the LoRA settings here ({lora_settings(c)}) are not those of {ckpt_path} "
                          f"({checkpoint.get('lora')}): pass the config file the run started with")
@@ -791,14 +843,16 @@ def build(c: dict, data: TokenData, model_config: ModelConfig, base: dict | None
     # The whole model first, identical everywhere (so a resumed run may use any expert_parallel); then each rank
     # keeps its share of the routed experts.
     experts = shard_experts(model, c["expert_parallel"]) if c["expert_parallel"] > 1 else None
-    # The engine owns gradients, their communication and AdamW (with weight decay on matrices only, the
-    # model's param_groups). The fused kernel does the whole update in one launch on the GPU.
-    groups = model.param_groups(c["weight_decay"])
-    adamw = dict(lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=device_type == "cuda")
+    # The engine owns gradients, their communication and the optimizer: AdamW (with weight decay on matrices only,
+    # the model's param_groups; the fused kernel does the whole update in one launch on the GPU), and Muon for the
+    # blocks' matrices if asked.
+    groups = model.param_groups(c["weight_decay"], muon=c["optimizer"] == "muon")
+    steps = dict(lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=device_type == "cuda",
+                 momentum=c["muon_momentum"], experts=experts)
     if c["parallel"] == "fsdp2":
-        engine = FSDP2(model, groups, **adamw, experts=experts)
+        engine = FSDP2(model, groups, **steps)
     else:
-        engine = Engine(model, groups, c["zero_stage"], bucket_mb=c["bucket_mb"], **adamw, experts=experts)
+        engine = Engine(model, groups, c["zero_stage"], bucket_mb=c["bucket_mb"], **steps)
     if checkpoint is None:
         # A new run gets a new identity (rank 0's: every rank must save the same one).
         return model, engine, {"iter_num": 0, "best_val_loss": float("inf"),
@@ -835,6 +889,11 @@ def announce(config: dict, model: Transformer, data: TokenData, setup: str) -> N
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = "adapter and embedding" if config["lora_embeddings"] else "adapter"
         print(f"LoRA: {trained:,} {what} parameters trained, the base's {model.num_params(False) - trained:,} frozen")
+    if config["optimizer"] == "muon":
+        maps = model.param_groups(0.0, muon=True)[0]["params"]
+        on_muon = sum(p.numel() for p in maps)
+        print(f"Muon: {len(maps)} matrices, {on_muon:,} parameters; AdamW: the other "
+              f"{model.num_params(False) - on_muon:,}")
     if config["dsa_warmup"]:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"DSA warm-up: the indexers' {trained:,} parameters trained, the other {model.num_params(False):,} "

@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hybrid_attention import ROOT, train_cpu_demo  # noqa: E402
+from hybrid_attention import ROOT, train_run  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from model import speculative_generate  # noqa: E402
 
@@ -48,7 +48,7 @@ def exchange_costs(data_dir, steps=30):
     rows = []
     for name, extra in STACKS.items():
         slug = "experts/exchange_" + name.split(",")[0].replace(" ", "_")
-        train_cpu_demo(slug, [*extra, "--expert_parallel=2", "--gradient_accumulation_steps=2", "--log_interval=1",
+        train_run(slug, [*extra, "--expert_parallel=2", "--gradient_accumulation_steps=2", "--log_interval=1",
                               "--eval_iters=1"], data_dir, steps, launcher=TORCHRUN)
         with open(os.path.join(ROOT, "out", f"bench_{slug}", "metrics.jsonl")) as f:
             steps_logged = [r for r in map(json.loads, f) if "loss" in r][5:]  # after the first steps' warm-up
@@ -86,7 +86,7 @@ def quality(data_dir, max_iters):
     out = []
     for name, extra in runs.items():
         slug = "experts/" + name.split(",")[0].replace(" ", "_").replace("+", "and")
-        bpb, seconds = train_cpu_demo(slug, extra, data_dir, max_iters)
+        bpb, seconds = train_run(slug, extra, data_dir, max_iters)
         out.append((name, bpb, seconds / 60))
     return out
 

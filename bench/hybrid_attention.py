@@ -78,11 +78,11 @@ def decode_cost(overrides, context, steps=16):
     return seconds * 1000, size
 
 
-def train_cpu_demo(name, extra, data_dir, max_iters, launcher=(sys.executable,)):
-    """config/cpu_demo.py with `extra` arguments into out/bench_<name>: (final val bits per byte, wall seconds).
-    launcher: what runs train.py (torchrun's command for several processes)."""
+def train_run(name, extra, data_dir, max_iters, launcher=(sys.executable,), config="config/cpu_demo.py"):
+    """config (cpu_demo's by default) with `extra` arguments into out/bench_<name>: (final val bits per byte, wall
+    seconds). launcher: what runs train.py (torchrun's command for several processes)."""
     out = os.path.join(ROOT, "out", f"bench_{name}")
-    args = [*launcher, os.path.join(ROOT, "train.py"), "config/cpu_demo.py", f"--out_dir={out}",
+    args = [*launcher, os.path.join(ROOT, "train.py"), config, f"--out_dir={out}",
             f"--data_dir={data_dir}", "--overwrite=True", *extra]
     if max_iters:
         args += [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max_iters}"]
@@ -95,7 +95,7 @@ def train_cpu_demo(name, extra, data_dir, max_iters, launcher=(sys.executable,))
 
 def quality(data_dir, max_iters):
     """Validation bits per byte of cpu_demo trained as each mix, and the run's wall time."""
-    return [(name, *train_cpu_demo("linear/" + name.replace(" ", "_").replace(":", "to"),
+    return [(name, *train_run("linear/" + name.replace(" ", "_").replace(":", "to"),
                                    [f"--full_attention_interval={interval}"], data_dir, max_iters))
             for name, interval in MIXES.items()]
 

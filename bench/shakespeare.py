@@ -39,24 +39,31 @@ def last_record(out_dir: str, key: str) -> dict:
         return [r for r in map(json.loads, f) if key in r][-1]
 
 
+def prepare(input_path: str, work: str) -> tuple[str, float]:
+    """nanoGPT's split (first 90% of the characters train, the rest val), prepared with a 1,024-token tokenizer into
+    work/data: (that folder, seconds taken)."""
+    if not os.path.isfile(input_path):
+        raise SystemExit(f"{input_path} not found")
+    with open(input_path, encoding="utf-8") as f:
+        text = f.read()
+    split = int(len(text) * 0.9)
+    for name, part in (("train.txt", text[:split]), ("val.txt", text[split:])):
+        with open(os.path.join(work, name), "w", encoding="utf-8") as f:
+            f.write(part)
+    data = os.path.join(work, "data")
+    seconds = run([sys.executable, "prepare_data.py", "--input", os.path.join(work, "train.txt"),
+                   "--val_input", os.path.join(work, "val.txt"), "--vocab_size", "1024", "--out", data])
+    return data, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="tinyshakespeare.txt (1,115,394 characters)")
     parser.add_argument("--work_dir", default=None, help="where data and checkpoints go (default: a temp folder)")
     args = parser.parse_args()
-    if not os.path.isfile(args.input):
-        raise SystemExit(f"{args.input} not found")
     work = args.work_dir or tempfile.mkdtemp(prefix="shakespeare_")
-    with open(args.input, encoding="utf-8") as f:
-        text = f.read()
-    split = int(len(text) * 0.9)  # nanoGPT's split, by character
-    for name, part in (("train.txt", text[:split]), ("val.txt", text[split:])):
-        with open(os.path.join(work, name), "w", encoding="utf-8") as f:
-            f.write(part)
-
-    data, out = os.path.join(work, "data"), os.path.join(work, "out")
-    prepare_s = run([sys.executable, "prepare_data.py", "--input", os.path.join(work, "train.txt"),
-                     "--val_input", os.path.join(work, "val.txt"), "--vocab_size", "1024", "--out", data])
+    data, prepare_s = prepare(args.input, work)
+    out = os.path.join(work, "out")
     train_s = run([sys.executable, "train.py", "config/shakespeare_cpu.py", f"--data_dir={data}", f"--out_dir={out}"])
     val_bpb = last_record(out, "val_bpb")["val_bpb"]
 

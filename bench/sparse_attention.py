@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hybrid_attention import ROOT, WIDTH, best_of, decode_cost, train_cpu_demo  # noqa: E402
+from hybrid_attention import ROOT, WIDTH, best_of, decode_cost, train_run  # noqa: E402
 from model import MLA, Attention, KVCache, ModelConfig, Transformer, moba_choice  # noqa: E402
 
 MLA_SHAPE = dict(attn="mla", q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
@@ -178,7 +178,7 @@ def main():
         print("| attention | val bits per byte | wall time |")
         print("|---|---:|---:|")
         for name, extra in RUNS.items():
-            bpb, seconds = train_cpu_demo("sparse/" + slug_of(name), extra, args.data_dir, args.max_iters)
+            bpb, seconds = train_run("sparse/" + slug_of(name), extra, args.data_dir, args.max_iters)
             print(f"| {name} | {bpb:.3f} | {seconds / 60:.1f} min |", flush=True)
         moba = os.path.join(ROOT, "out", "bench_sparse", slug_of("MoBA, 2 blocks of 32"))
         print("\nThe trained MoBA run's routing on 8 validation windows, per layer (causal tiles: "

@@ -43,6 +43,7 @@ FAMILIES = {
     "llama_gqa_tied": ({}, "LlamaForCausalLM"),
     "llama_mha_untied": (dict(n_kv_head=4, tie_embeddings=False), "LlamaForCausalLM"),
     "llama_qkv_bias": (dict(qkv_bias=True, tie_embeddings=False), "LlamaForCausalLM"),
+    "arcee_relu2_qkv_bias": (dict(hidden_act="relu2", qkv_bias=True, tie_embeddings=False), "ArceeForCausalLM"),
     "mla_with_q_lora": ({**MLA, "q_lora_rank": 24}, "DeepseekV3ForCausalLM"),
     "mla_without_q_lora": ({**MLA, "tie_embeddings": False}, "DeepseekV3ForCausalLM"),
     # With an MTP module, which the export leaves out (it only trains and drafts): the main model is exported.
@@ -260,6 +261,8 @@ def test_a_lora_run_exports_merged(trained_ckpt, prepared_data, tmp_path):
     (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, **MOE), "Ministral"),
     (dict(attention_sinks=True), "gpt-oss"),
     (dict(moba_chunk_size=4), "MoBA"),
+    (dict(final_logit_softcapping=15.0), "Gemma 2 and 3 only"),
+    (dict(hidden_act="relu2", qk_norm=True), "Arcee computes the ungated"),
     ({**MOE, "n_group": 1, "topk_group": 1, "zero_expert_num": 2}, "LongCat-Flash only"),
     (dict(**MOE, first_k_dense_replace=0, moe_shortcut=True), "LongCat-Flash only"),
     (dict(**MLA, **MOE, q_lora_rank=8, first_k_dense_replace=0, moe_shortcut=True), "a softmax over the experts"),

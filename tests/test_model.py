@@ -44,7 +44,9 @@ ARCHS = {"gqa": {}, "mla": MLA_TINY, "moe": MOE_TINY, "mla_moe": {**MLA_TINY, **
          # LongCat-Flash: ScMoE's shortcut layers (two attention sublayers each) and its router with 2 zero experts.
          "scmoe": dict(**MLA_TINY, n_routed_experts=6, n_shared_experts=0, num_experts_per_tok=3, zero_expert_num=2,
                        moe_inter_dim=16, scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=2.0,
-                       first_k_dense_replace=0, moe_shortcut=True)}
+                       first_k_dense_replace=0, moe_shortcut=True),
+         # The speedrun's levers on GQA: q/k norm, the ReLU^2 MLP, logits capped at 2 (the lively weights exceed it).
+         "speedrun": dict(qk_norm=True, hidden_act="relu2", final_logit_softcapping=2.0)}
 assert_close = torch.testing.assert_close
 
 
@@ -329,6 +331,23 @@ def test_left_padded_rows_match_unpadded_rows(impl, arch):
         assert_close(logits[b, mask[b] == 1], alone[0])
 
 
+def test_soft_capped_logits_are_the_capped_function_of_the_uncapped_ones():
+    capped = lively_model(**ARCHS["speedrun"])
+    plain = lively_model(**{**ARCHS["speedrun"], "final_logit_softcapping": 0.0})
+    plain.load_state_dict(capped.state_dict())
+    idx = torch.randint(0, 64, (2, 12))
+    logits, _ = plain(idx)
+    assert logits.abs().max() > 2.0  # the cap acts
+    assert_close(capped(idx)[0], 2.0 * torch.tanh(logits / 2.0))
+
+
+def test_zero_initialised_residual_branches_make_every_block_the_identity():
+    model = make_model(zero_init_residual=True, **ARCHS["speedrun"])
+    assert all(p.abs().max() == 0 for n, p in model.named_parameters() if n.endswith(("wo.weight", "w2.weight")))
+    idx = torch.randint(0, 64, (2, 12))
+    assert_close(model(idx)[0], model.head(model.norm(model.wte(idx))), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- KV cache and generation
 
 
@@ -336,7 +355,7 @@ def test_left_padded_rows_match_unpadded_rows(impl, arch):
 @pytest.mark.parametrize("chunks", [[4, 1, 1, 1, 1, 1, 1], [6, 4]], ids=["token_by_token", "two_chunks"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("arch", ["gqa", "mla", "mla_moe", "hybrid", "hybrid_mla_moe", "linear", "sliding", "sliding_mla",
-                                  "dsa", "moba", "scmoe"])
+                                  "dsa", "moba", "scmoe", "speedrun"])
 def test_cached_logits_match_uncached(impl, chunks, padded, arch):
     # For MLA this is the absorbed path (latent cache) against the naive one (no cache).
     model = lively_model(attn_impl=impl, **ARCHS[arch])

@@ -1,7 +1,8 @@
 """parallel.py: every ZeRO stage computes the step one process computes, holds 1/N of what it shards, resumes
 at any world size, and fails clearly. The equality tests run train.py end to end under torchrun; the memory
 and unused-parameter checks run this file itself as a torchrun script (the __main__ part at the bottom),
-which checks every stage in one launch against plain torch.optim.AdamW on the whole batch in the same process."""
+which checks every stage in one launch against plain torch.optim.AdamW (and torch.optim.Muon) on the whole batch in
+the same process."""
 
 import json
 import os
@@ -61,6 +62,32 @@ def test_every_stage_matches_one_process_and_stage_3_matches_fsdp2(tmp_path, pre
             else:  # the root (embedding, head) is gathered once per micro-batch, not twice
                 assert 0.5 * r["comm_bytes_theory"] < r["comm_bytes"] <= r["comm_bytes_theory"] + 4096
             assert r["comm_wait_s"] >= 0
+
+
+def test_muon_on_two_ranks_matches_one_process_and_an_fsdp2_run_resumes_in_one(tmp_path, prepared_data):
+    # Distributed Muon: the momentum sharded as AdamW's moments are, the whole matrices gathered, each rank
+    # orthogonalising its share of them. Its checkpoint holds the momentum as pieces of the flattened matrices, so
+    # FSDP2's run on 2 ranks continues in one process with the handwritten engine.
+    common = [*TINY, f"--data_dir={prepared_data}", "--optimizer=muon", "--eval_interval=2", "--max_iters=4",
+              "--gradient_accumulation_steps=2", "--grad_clip=0.5"]
+    result = run([*common, f"--out_dir={tmp_path}/one"])
+    assert "Muon: 14 matrices" in result.stdout  # 2 layers x (wq, wk, wv, wo, w1, w2, w3); the tied wte on AdamW
+    one = weights(tmp_path / "one")
+    for name, args in (("zero1", ["--zero_stage=1"]), ("zero3", ["--zero_stage=3"])):
+        run([*common, *args, f"--out_dir={tmp_path}/{name}"], launcher=torchrun(2))
+        assert_same_weights(one, weights(tmp_path / name), tol=1e-6)
+        assert step_losses(tmp_path / name) == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
+    with open(tmp_path / "zero1" / "metrics.jsonl") as f:  # Muon's gathers and scatters add one all-reduce's bytes
+        steps = [r for r in map(json.loads, f) if "loss" in r]
+    assert len(steps) == 4
+    assert all(r["comm_bytes_theory"] <= r["comm_bytes"] < r["comm_bytes_theory"] + 4096 for r in steps)
+    run([*common, "--parallel=fsdp2", "--max_iters=2", f"--out_dir={tmp_path}/fsdp2"], launcher=torchrun(2))
+    run([*common, "--init_from=resume", f"--out_dir={tmp_path}/fsdp2"])
+    assert_same_weights(one, weights(tmp_path / "fsdp2"), tol=1e-6)
+    assert step_losses(tmp_path / "fsdp2") == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
+    result = run([*TINY, f"--data_dir={prepared_data}", "--init_from=resume", f"--out_dir={tmp_path}/one",
+                  "--max_iters=6"], check=False)
+    assert result.returncode == 1 and "resume: optimizer='adamw' here but 'muon'" in result.stderr
 
 
 def test_a_hybrid_with_linear_attention_at_stage_3_matches_one_process(tmp_path, prepared_data):
@@ -289,11 +316,14 @@ def test_shortcut_moe_over_two_ranks_is_one_process_and_its_overlap_changes_noth
     assert run_this_file(2, "shortcut").count("shortcut ok") == 2
 
 
-def test_memory_and_unused_parameters_at_every_stage_with_three_ranks():
-    assert run_this_file(3).count("stage ok") == 3 * 4
+def test_memory_and_unused_parameters_at_every_stage_with_three_ranks_under_adamw_and_muon():
+    # Muon: each rank orthogonalises its share of the matrices, and the sharded stages gather and scatter them.
+    out = run_this_file(3)
+    assert out.count("stage ok adamw") == out.count("stage ok muon") == 3 * 4
 
 
-# ---- the torchrun script: every stage against plain AdamW, with odd sizes and a parameter that sometimes gets no gradient
+# ---- the torchrun script: every stage against torch's AdamW and Muon, with odd sizes and a parameter that sometimes
+# gets no gradient
 class ToyBlock(nn.Module):
     def __init__(self, dim):
         super().__init__()
@@ -337,6 +367,45 @@ def check_every_stage():
     import parallel
 
     parallel.init_distributed(60)
+    for optimizer in ("adamw", "muon"):
+        check_every_stage_with(optimizer)
+    parallel.destroy()
+
+
+def groups_of(params, optimizer):
+    """As Transformer.param_groups: decay on matrices; with Muon, the blocks' matrices (not the embedding) first."""
+    matrices, others = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    adamw = [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}]
+    if optimizer == "adamw":
+        return adamw
+    maps = [p for p in matrices if p.shape[0] != 13]  # the embedding is the one matrix with the vocabulary's rows
+    adamw[0]["params"] = [p for p in matrices if p.shape[0] == 13]
+    return [{"params": maps, "weight_decay": 0.1, "muon": True}, *adamw]
+
+
+def reference_optimizers(params, optimizer):
+    """torch's own optimizers on the whole batch: AdamW, or torch.optim.Muon at Moonlight's scale (its Newton-Schulz
+    in bfloat16 replaced by muon.py's in float32, which test_muon checks against the SVD) beside AdamW."""
+    groups = groups_of(params, optimizer)
+    if optimizer == "adamw":
+        return [torch.optim.AdamW(groups, lr=1e-2)]
+    import torch.optim._muon as torch_muon
+    from muon import NS_COEFFICIENTS, newton_schulz
+
+    def ours(grad, coefficients, steps, eps):
+        assert tuple(coefficients) == NS_COEFFICIENTS
+        return newton_schulz(grad, steps, eps)
+
+    torch_muon._zeropower_via_newtonschulz = ours
+    return [torch.optim.Muon(groups[0]["params"], lr=1e-2, weight_decay=0.1, momentum=0.95, nesterov=True,
+                             adjust_lr_fn="match_rms_adamw"), torch.optim.AdamW(groups[1:], lr=1e-2)]
+
+
+def check_every_stage_with(optimizer_name):
+    import torch.distributed as dist
+
+    import parallel
+
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     batches = [torch.randint(0, 13, (world * 2, 5)) for _ in range(3)]  # 3 steps, 2 micro-batches per rank
@@ -354,11 +423,7 @@ def check_every_stage():
 
     reference = fresh()
     params = list(reference.parameters())
-    def groups(params):
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-    optimizer = torch.optim.AdamW(groups(params), lr=1e-2)
+    optimizers = reference_optimizers(params, optimizer_name)
     mixed = 0  # steps where some ranks use a block's `rare` and others do not
     for idx in batches:
         used = []
@@ -371,16 +436,18 @@ def check_every_stage():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch.nn.utils.clip_grad_norm_(params, 0.05)
-        optimizer.step()
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
     assert mixed > 0
     total = sum(p.numel() for p in params) * 4
+    on_muon = sum(p.numel() for g in groups_of(params, optimizer_name) if g.get("muon") for p in g["params"]) * 4
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     for stage in range(4):
         model = fresh()
-        engine = parallel.Engine(model, groups(list(model.parameters())), stage, lr=1e-2, betas=(0.9, 0.999),
-                                 fused=False, bucket_mb=0.0005)
+        engine = parallel.Engine(model, groups_of(list(model.parameters()), optimizer_name), stage, lr=1e-2,
+                                 betas=(0.9, 0.999), fused=False, bucket_mb=0.0005)
         block_bytes = sum(p.numel() * 4 for p in model.layers[0].parameters())
         in_forward = []
         for block in model.layers:
@@ -395,7 +462,8 @@ def check_every_stage():
                     assert held_bytes([b.shard.grad for b in engine.buckets]) <= total / world + 4 * len(engine.buckets)
             engine.step(1e-2, 0.05, scaler)
         moments = [t for s in engine.optimizer.state.values() for t in (s["exp_avg"], s["exp_avg_sq"])]
-        expected_optimizer = 2 * total / (world if stage > 0 else 1)
+        moments += list(engine.muon_state.values())  # Muon: one momentum per element, AdamW two moments
+        expected_optimizer = (2 * (total - on_muon) + on_muon) / (world if stage > 0 else 1)
         assert expected_optimizer <= held_bytes(moments) <= expected_optimizer + 8 * len(engine.buckets)
         if stage == 3:
             # Between steps only the slices exist; inside the forward at most the root and two blocks are whole.
@@ -407,8 +475,7 @@ def check_every_stage():
         assert state or (stage == 3 and rank != 0)
         for name, p in reference.named_parameters() if state else []:
             assert torch.allclose(state[name], p.detach(), atol=1e-6, rtol=0), (stage, name, (state[name] - p).abs().max())
-        print(f"stage ok {stage}", flush=True)
-    parallel.destroy()
+        print(f"stage ok {optimizer_name} {stage}", flush=True)
 
 
 def check_expert_exchange():

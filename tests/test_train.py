@@ -77,6 +77,35 @@ def test_lr_warms_up_from_nonzero_then_follows_the_cosine():
     assert lrs[119] == pytest.approx(0.1)
 
 
+def test_wsd_holds_the_rate_then_cools_down_linearly_over_its_fraction():
+    config = dict(DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, lr_schedule="wsd",
+                  cooldown_frac=0.2)
+    lrs = [get_lr(it, config) for it in range(120)]
+    assert 0 < lrs[0] < lrs[9] < 1.0 and lrs[10:89] == [1.0] * 79  # the cool-down is the last 22 steps of 110
+    for it in (88, 99, 110):
+        assert lrs[it] == pytest.approx(1.0 - 0.9 * (it - 88) / 22)
+    assert lrs[119] == pytest.approx(0.1)
+
+
+def test_aligned_windows_start_at_documents_and_evaluation_keeps_its_windows(prepared_data, chat_data):
+    from train import TokenData
+
+    c = dict(DEFAULTS, data_dir=prepared_data, block_size=32, batch_size=4, gradient_accumulation_steps=2)
+    plain, aligned = TokenData(c, 0, 1, "cpu"), TokenData({**c, "align_windows": True}, 0, 1, "cpu")
+    starts = np.load(os.path.join(prepared_data, "train_doc_index.npy"))
+    drawn = np.concatenate([aligned._draw("train", it, 0, 8) for it in range(20)])
+    assert set(drawn.tolist()) <= set(starts.tolist()) and len(set(drawn.tolist())) > 4
+    tokens = np.memmap(os.path.join(prepared_data, "train.bin"), np.dtype(plain.meta["dtype"]), mode="r")
+    x, y, _ = aligned.train_batch(3, 1)  # micro-batch 1 of step 3: windows 4-7 of that step's draw
+    for row, start in zip(x, aligned._draw("train", 3, 0, 8)[4:]):
+        assert row.tolist() == tokens[start:start + 32].tolist()
+    assert torch.equal(aligned.eval_batch("val", 1)[0], plain.eval_batch("val", 1)[0])
+    with pytest.raises(SystemExit, match="packed by conversation already"):
+        TokenData({**c, "data_dir": chat_data, "align_windows": True}, 0, 1, "cpu")
+    with pytest.raises(SystemExit, match=f"has {len(starts)} documents .* fewer than the 80 windows of a step"):
+        TokenData({**c, "align_windows": True, "gradient_accumulation_steps": 20}, 0, 1, "cpu")
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, prepared_data):
     common = [*TINY, f"--data_dir={prepared_data}", "--max_iters=3", "--eval_interval=3"]
     run([*common, f"--out_dir={tmp_path}/big", "--batch_size=4", "--gradient_accumulation_steps=1"])
@@ -152,6 +181,9 @@ def test_a_fresh_run_refuses_an_out_dir_holding_a_run_unless_told_to_overwrite(t
     ("--distill_alpha=1.5", "distill_alpha must be in [0, 1], got 1.5"),
     ("--distill_temperature=0.0", "distill_temperature must be positive, got 0.0"),
     ("--lora_embeddings=True", "lora_embeddings trains the embeddings beside LoRA adapters: set lora_rank too"),
+    ("--optimizer=sgd", "optimizer must be 'adamw' or 'muon', got 'sgd'"),
+    ("--muon_momentum=1.0", "muon_momentum must be in [0, 1), got 1.0"),
+    ("--lr_schedule=linear", "lr_schedule must be 'cosine' or 'wsd', got 'linear'"),
 ])
 def test_every_key_out_of_range_is_one_sentence_before_any_work(tmp_path, prepared_data, arg, message):
     result = run([*TINY, f"--data_dir={prepared_data}", f"--out_dir={tmp_path}/out", arg], check=False)
@@ -380,6 +412,7 @@ def test_lora_saves_adapters_only_samples_merged_resumes_and_refuses_another_bas
     (["--init_from=scratch"], "lora_rank > 0 adapts a trained model"),
     (["--lora_targets=wq,qkv"], "no projection named qkv"),
     (["--lora_dropout=1.0"], "lora_dropout must be in [0, 1)"),
+    (["--optimizer=muon"], "optimizer='muon' orthogonalises whole weight matrices and LoRA trains low-rank adapters"),
 ])
 def test_lora_settings_that_cannot_work_are_refused(tmp_path, trained_ckpt, chat_data, args, message):
     result = run([*SFT, *LORA, f"--data_dir={chat_data}", f"--init_from={trained_ckpt}", f"--out_dir={tmp_path}/o",
