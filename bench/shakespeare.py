@@ -30,9 +30,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# nanoGPT @3adf61e, README CPU command, measured on this project's 2-core machines (torch 2.13, fp32), 2026-12-01:
+# nanoGPT @3adf61e, README CPU command, measured by --nanogpt on this project's 2-core machines (torch 2.13, fp32) on
+# 2026-12-04 (its loss curve is the same on every machine; its time was 107 s on another one on 2026-12-01):
 NANOGPT_VAL_BPB = 1.8857 / math.log(2)
-NANOGPT_WALL_S = 107.0
+NANOGPT_WALL_S = 92.0
 NANOGPT_6x384_TOKENS_PER_S = 533  # 6 layers, 384 wide, block 256, batch 8, GPT-2 vocabulary (50,257)
 # nanoGPT's README, "I only have a macbook": its CPU command for the character-level Shakespeare model.
 NANOGPT_CPU_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
@@ -127,7 +128,7 @@ def main() -> None:
         nano_what = "measured in this run"
     else:
         nano_bpb, nano_s = NANOGPT_VAL_BPB, NANOGPT_WALL_S
-        nano_what = "stored from 2026-12-01, not measured now: pass --nanogpt PATH to measure it side by side"
+        nano_what = "stored from 2026-12-04, not measured now: pass --nanogpt PATH to measure it side by side"
     data, prepare_s = prepare(args.input, work)
     ours = {label: run_ours(args, data, os.path.join(work, f"out_{i}"), nano_bpb, nano_s)
             for i, (label, args) in enumerate(OURS)}
