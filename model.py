@@ -1320,10 +1320,11 @@ class Transformer(nn.Module):
             if name.endswith("attn.sinks"):
                 nn.init.zeros_(p)  # a sink logit of 0: at the start the sink weighs as much as a key scoring 0
                 continue
-            if name.endswith(("wo.weight", "w2.weight")) and self.config.zero_init_residual:
-                nn.init.zeros_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
+            if name.endswith(("wo.weight", "w2.weight")):
+                if self.config.zero_init_residual:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=resid_std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() == 1:
@@ -1350,15 +1351,13 @@ class Transformer(nn.Module):
         embedding and the head stay with AdamW (Moonlight's split: an embedding's rows are looked up one token at a
         time, not applied as one map, and the head's update is better left elementwise too)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        matrices, others = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-        adamw = [{"params": matrices, "weight_decay": weight_decay, "muon": False},
-                 {"params": others, "weight_decay": 0.0, "muon": False}]
-        if not muon:
-            return adamw
         lookups = {id(self.wte.weight), id(self.lm_head.weight)}
-        maps = [p for p in matrices if p.dim() == 2 and id(p) not in lookups]
-        adamw[0]["params"] = [p for p in matrices if p.dim() != 2 or id(p) in lookups]
-        return [{"params": maps, "weight_decay": weight_decay, "muon": True}, *adamw]
+        maps = [p for p in params if muon and p.dim() == 2 and id(p) not in lookups]
+        on_muon = set(map(id, maps))
+        adamw = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in on_muon], "weight_decay": weight_decay,
+                  "muon": False},
+                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "muon": False}]
+        return [{"params": maps, "weight_decay": weight_decay, "muon": True}, *adamw] if muon else adamw
 
     def moe_layers(self):
         return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]

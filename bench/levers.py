@@ -16,9 +16,13 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hybrid_attention import ROOT, train_run  # noqa: E402
+from hybrid_attention import ROOT, train_run  # noqa: E402  (it puts the repository root on the path too)
 from shakespeare import prepare  # noqa: E402
+from configurator import load_config  # noqa: E402
+from train import DEFAULTS  # noqa: E402
 
 # name: (one sentence of why, train.py arguments). Each is off by default in train.py.
 LEVERS = {
@@ -38,9 +42,8 @@ LEVERS = {
 
 
 def steps_of(config_path: str) -> int:
-    settings = {}
-    exec(open(os.path.join(ROOT, config_path)).read(), {}, settings)
-    return settings["max_iters"]
+    """The config's max_iters, read as train.py reads it."""
+    return load_config(DEFAULTS, [os.path.join(ROOT, config_path)])["max_iters"]
 
 
 def train(name, extra, data_dir, config, steps):
@@ -49,7 +52,6 @@ def train(name, extra, data_dir, config, steps):
 
 
 def single_document(data_dir: str) -> bool:
-    import numpy as np
     return len(np.load(os.path.join(data_dir, "train_doc_index.npy"))) < 2
 
 
